@@ -1,0 +1,75 @@
+"""aiotimer: an asyncio-native watchdog timer server for training and job orchestrators.
+
+Worker side::
+
+    with aiotimer.expires(after=30):               # sync code
+        ...
+    async with aiotimer.timer(after=30, scope="allreduce"):
+        ...
+
+Launcher side::
+
+    async with aiotimer.TimerServer() as server:
+        worker = await server.spawn(sys.executable, "train.py")
+        await worker.wait()
+"""
+
+from ._client import PipeClient as PipeClient
+from ._client import TimerClient as TimerClient
+from ._client import TimerScope as TimerScope
+from ._client import configure as configure
+from ._client import expires as expires
+from ._client import get_client as get_client
+from ._client import timer as timer
+from ._clock import Clock as Clock
+from ._clock import SystemClock as SystemClock
+from ._events import LogEvent as LogEvent
+from ._events import Statistics as Statistics
+from ._exceptions import AiotimerError as AiotimerError
+from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
+from ._exceptions import EntitlementError as EntitlementError
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import ServerUnavailableError as ServerUnavailableError
+from ._heap import DeadlineHeap as DeadlineHeap
+from ._heap import Timer as Timer
+from ._reap import ExpiredTimer as ExpiredTimer
+from ._reap import Expiry as Expiry
+from ._reap import Reaper as Reaper
+from ._reap import SignalReaper as SignalReaper
+from ._server import TimerServer as TimerServer
+from ._workers import Worker as Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # worker side
+    "PipeClient",
+    "TimerClient",
+    "TimerScope",
+    "configure",
+    "expires",
+    "get_client",
+    "timer",
+    # launcher side
+    "Clock",
+    "SystemClock",
+    "TimerServer",
+    "Worker",
+    # reaping
+    "ExpiredTimer",
+    "Expiry",
+    "Reaper",
+    "SignalReaper",
+    # events and statistics
+    "LogEvent",
+    "Statistics",
+    # pure bookkeeping
+    "DeadlineHeap",
+    "Timer",
+    # exceptions
+    "AiotimerError",
+    "ClientNotConfiguredError",
+    "EntitlementError",
+    "ProtocolError",
+    "ServerUnavailableError",
+]

@@ -1,0 +1,37 @@
+"""The exception families of aiotimer, under one root."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiotimerError",
+    "ClientNotConfiguredError",
+    "EntitlementError",
+    "ProtocolError",
+    "ServerUnavailableError",
+]
+
+
+class AiotimerError(Exception):
+    """Root of every exception aiotimer raises on purpose."""
+
+
+class ProtocolError(AiotimerError, ValueError):
+    """A request on the wire was malformed or out of range; it was rejected."""
+
+
+class EntitlementError(AiotimerError, PermissionError):
+    """A request named a process that its sender may not have signalled."""
+
+
+class ClientNotConfiguredError(AiotimerError, RuntimeError):
+    """A timer was used in a process that has no client and no server to find.
+
+    A ``RuntimeError``, as torch raises in the same case.
+    """
+
+
+class ServerUnavailableError(AiotimerError, BrokenPipeError):
+    """The timer server cannot be reached (it exited, or never listened).
+
+    A ``BrokenPipeError``, as torch raises in the same case.
+    """

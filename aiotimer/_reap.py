@@ -1,0 +1,159 @@
+"""Kill callbacks ("reapers"): what the server does to a process whose timer expired."""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._events import logger
+from ._process import ProcessGone
+from ._validate import check_seconds, check_signal
+
+if TYPE_CHECKING:
+    from ._heap import Timer
+    from ._workers import WatchedProcess, Worker
+
+__all__ = ["ExpiredTimer", "Expiry", "Reaper", "SignalReaper", "run_reaper"]
+
+
+@dataclass(frozen=True)
+class ExpiredTimer:
+    """One timer that expired: its scope, its deadline and how late it was handled."""
+
+    scope: str
+    deadline: float
+    lag: float
+
+
+class Expiry:
+    """What a reaper is handed: one process and the timers of it that expired.
+
+    Signals go through the process's pidfd, so a process that has exited (its
+    pid possibly reused) is never signalled: ``send_signal`` returns ``False``.
+    """
+
+    def __init__(
+        self,
+        process: WatchedProcess,
+        timers: list[Timer],
+        now: float,
+        *,
+        requested_signal: int | None,
+        on_signal: Callable[[Expiry, int], None],
+    ) -> None:
+        self._process = process
+        self.timers = tuple(ExpiredTimer(t.scope, t.deadline, now - t.deadline) for t in timers)
+        self.requested_signal = requested_signal
+        self._on_signal = on_signal
+        self.signals_sent: list[int] = []
+
+    def __repr__(self) -> str:
+        scopes = ", ".join(t.scope for t in self.timers)
+        return f"<Expiry pid={self.pid} scopes=[{scopes}]>"
+
+    @property
+    def pid(self) -> int:
+        """The process whose timers expired."""
+        return self._process.pid
+
+    @property
+    def deadline(self) -> float:
+        """The earliest of the expired deadlines."""
+        return self.timers[0].deadline
+
+    @property
+    def worker(self) -> Worker | None:
+        """The spawned worker this process is (or descends from), if the server spawned it."""
+        return self._process.worker
+
+    @property
+    def dump_signal(self) -> int:
+        """The signal on which this process said it dumps its stacks (0: it did not say)."""
+        return self._process.dump_signal
+
+    @property
+    def exited(self) -> bool:
+        """Whether the process has exited."""
+        return self._process.exited
+
+    def send_signal(self, sig: int, *, group: bool = False) -> bool:
+        """Send ``sig`` (to the process group with ``group``); ``False`` if it has exited."""
+        try:
+            self._process.send_signal(sig, group=group)
+        except ProcessGone:
+            return False
+        self.signals_sent.append(sig)
+        self._on_signal(self, sig)
+        return True
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:
+        """Wait for the process to exit; ``False`` if ``timeout`` seconds passed first."""
+        return await self._process.wait_exit(timeout)
+
+
+#: A reaper: any callable taking an ``Expiry``; it may be a coroutine function.
+Reaper = Callable[[Expiry], Awaitable[object] | object]
+
+
+class SignalReaper:
+    """The built-in reaper: signal, wait ``grace``, then SIGKILL if still alive.
+
+    With ``dump_stacks``, a process that registered a stack-dump signal (every
+    aiotimer client does) is sent it first and given ``dump_wait`` seconds, so
+    its Python stacks are printed even while it holds the GIL in C code.  With
+    ``process_group``, signals go to the process group the process leads.
+    A signal that a torch FIFO client asked for takes precedence over ``signal``.
+    """
+
+    def __init__(
+        self,
+        signal: int | str = _signal.SIGKILL,
+        *,
+        grace: float = 5.0,
+        process_group: bool = False,
+        dump_stacks: bool = False,
+        dump_wait: float = 0.5,
+    ) -> None:
+        self.signal = check_signal("signal", signal)
+        self.grace = check_seconds("grace", grace, allow_zero=True)
+        self.process_group = bool(process_group)
+        self.dump_stacks = bool(dump_stacks)
+        self.dump_wait = check_seconds("dump_wait", dump_wait, allow_zero=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"SignalReaper({self.signal.name}, grace={self.grace}, "
+            f"process_group={self.process_group}, dump_stacks={self.dump_stacks})"
+        )
+
+    async def __call__(self, expiry: Expiry) -> None:
+        """Reap ``expiry``'s process: dump stacks if asked, signal, escalate after grace."""
+        group = self.process_group
+        if self.dump_stacks and expiry.dump_signal > 0:
+            if not expiry.send_signal(expiry.dump_signal):
+                return
+            if await expiry.wait_exit(self.dump_wait):
+                return
+        sig = expiry.requested_signal or self.signal
+        if not expiry.send_signal(sig, group=group):
+            return
+        if sig == _signal.SIGKILL:
+            return
+        if await expiry.wait_exit(self.grace):
+            return
+        logger.warning(
+            "pid %d still alive %.3gs after %s; sending SIGKILL",
+            expiry.pid,
+            self.grace,
+            _signal.Signals(sig).name,
+        )
+        expiry.send_signal(_signal.SIGKILL, group=group)
+
+
+async def run_reaper(reaper: Reaper, expiry: Expiry) -> None:
+    """Call ``reaper``, awaiting it if it returned an awaitable."""
+    result = reaper(expiry)
+    if isinstance(result, Awaitable):
+        await result

@@ -1,0 +1,86 @@
+"""A spawned worker's request pipe: an inherited fd the worker (and its children) write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from .._events import logger
+from .._process import descends_from
+from .._protocol import FrameDecoder
+from ._base import Channel
+
+if TYPE_CHECKING:
+    from .._server import TimerServer
+    from .._workers import Worker
+
+__all__ = ["PipeChannel"]
+
+# Large enough to drain a full pipe (64 KiB by default) in a read or two.
+_READ_SIZE = 256 * 1024
+
+
+class PipeChannel(Channel):
+    """Reads one worker's pipe on the loop; non-blocking, no thread.
+
+    Requests may come from the worker or from any of its descendants (they
+    inherit the fd); a pid outside that tree is refused.  End of file means
+    every writer has exited or closed the fd: the server then clears the
+    timers that arrived on this pipe.
+    """
+
+    def __init__(
+        self,
+        server: TimerServer,
+        worker: Worker,
+        read_fd: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(server)
+        self.worker = worker
+        self.name = f"pipe of worker {worker.pid}"
+        self._fd = read_fd
+        self._loop = loop
+        self._decoder = FrameDecoder()
+        os.set_blocking(read_fd, False)
+        loop.add_reader(read_fd, self._readable)
+
+    def entitled(self, pid: int) -> str | None:
+        """The worker itself, or a process descending from it."""
+        if pid == self.worker.pid or descends_from(pid, {self.worker.pid}):
+            return None
+        return f"pid {pid} is not worker {self.worker.pid} or one of its descendants"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the pipe has been closed."""
+        return self._fd < 0
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.error("reading %s failed: %s; closing it", self.name, exc)
+            data = b""
+        if not data:
+            if self._decoder.pending:
+                logger.warning(
+                    "%s closed with %d bytes of an incomplete frame; dropped",
+                    self.name,
+                    self._decoder.pending,
+                )
+            self.close()
+            self.server._channel_closed(self)
+            return
+        requests, errors = self._decoder.feed(data)
+        self.server._dispatch(self, requests, errors)
+
+    def close(self) -> None:
+        """Stop reading and close the read end."""
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1

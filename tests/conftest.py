@@ -1,0 +1,60 @@
+"""Every async test runs on the default asyncio loop and on uvloop, as anyio's and uvloop's do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["aiotimer.pytest_plugin"]
+
+
+def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
+        return factories
+    factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Any]:
+    """Parametrise each async test over every loop we support."""
+    return _loop_factories()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Start idle child processes (real pids for tests); all are killed afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def python_worker(code: str) -> list[str]:
+    """argv that runs ``code`` in a fresh interpreter with this checkout importable."""
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_aiotimer_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests may themselves run under `aiotimer run`; a stray AIOTIMER_FD must not leak in.
+    for name in [n for n in os.environ if n.startswith("AIOTIMER_")]:
+        monkeypatch.delenv(name)

@@ -1,0 +1,66 @@
+"""The public surface is pinned: a change to it must change this test too."""
+
+import aiotimer
+import aiotimer.testing
+import aiotimer.transports
+
+EXPECTED = {
+    "AiotimerError",
+    "ClientNotConfiguredError",
+    "Clock",
+    "DeadlineHeap",
+    "EntitlementError",
+    "ExpiredTimer",
+    "Expiry",
+    "LogEvent",
+    "PipeClient",
+    "ProtocolError",
+    "Reaper",
+    "ServerUnavailableError",
+    "SignalReaper",
+    "Statistics",
+    "SystemClock",
+    "Timer",
+    "TimerClient",
+    "TimerScope",
+    "TimerServer",
+    "Worker",
+    "configure",
+    "expires",
+    "get_client",
+    "timer",
+}
+
+
+def test_all_is_pinned() -> None:
+    assert set(aiotimer.__all__) == EXPECTED
+    assert len(aiotimer.__all__) == len(EXPECTED)
+
+
+def test_every_public_name_exists_and_is_documented() -> None:
+    for module in (aiotimer, aiotimer.testing, aiotimer.transports):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj) and not isinstance(obj, type(aiotimer.Reaper)):
+                assert obj.__doc__, f"{module.__name__}.{name} has no docstring"
+
+
+def test_public_objects_live_in_private_modules() -> None:
+    assert aiotimer.TimerServer.__module__ == "aiotimer._server"
+    assert aiotimer.expires.__module__ == "aiotimer._client"
+
+
+def test_exception_families_share_one_root() -> None:
+    for name in ("ClientNotConfiguredError", "EntitlementError", "ProtocolError",
+                 "ServerUnavailableError"):
+        assert issubclass(getattr(aiotimer, name), aiotimer.AiotimerError)
+    # torch raises these builtins in the same situations; callers catching them keep working.
+    assert issubclass(aiotimer.ClientNotConfiguredError, RuntimeError)
+    assert issubclass(aiotimer.ServerUnavailableError, BrokenPipeError)
+    assert issubclass(aiotimer.ProtocolError, ValueError)
+
+
+def test_package_ships_py_typed() -> None:
+    from importlib.resources import files
+
+    assert files("aiotimer").joinpath("py.typed").is_file()
