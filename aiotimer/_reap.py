@@ -88,6 +88,20 @@ class Expiry:
         self._on_signal(self, sig)
         return True
 
+    def dump_stacks(self) -> bool:
+        """Ask the process to print its stacks (``dump_signal``); ``False`` if it cannot.
+
+        Not a kill: it does not count as the expiry's first signal.
+        """
+        if self.dump_signal <= 0:
+            return False
+        try:
+            self._process.send_signal(self.dump_signal)
+        except ProcessGone:
+            return False
+        logger.info("asked pid %d to dump its stacks", self.pid)
+        return True
+
     async def wait_exit(self, timeout: float | None = None) -> bool:
         """Wait for the process to exit; ``False`` if ``timeout`` seconds passed first."""
         return await self._process.wait_exit(timeout)
@@ -102,7 +116,9 @@ class SignalReaper:
 
     With ``dump_stacks``, a process that registered a stack-dump signal (every
     aiotimer client does) is sent it first and given ``dump_wait`` seconds, so
-    its Python stacks are printed even while it holds the GIL in C code.  With
+    its Python stacks are printed even while it holds the GIL in C code.  A
+    ``TimerServer`` with this reaper tells the workers it spawns to register
+    their dump on ``dump_signal``.  With
     ``process_group``, signals go to the process group the process leads.
     A signal that a torch FIFO client asked for takes precedence over ``signal``.
     """
@@ -115,12 +131,15 @@ class SignalReaper:
         process_group: bool = False,
         dump_stacks: bool = False,
         dump_wait: float = 0.5,
+        dump_signal: int | str = _signal.SIGUSR2,
     ) -> None:
         self.signal = check_signal("signal", signal)
         self.grace = check_seconds("grace", grace, allow_zero=True)
         self.process_group = bool(process_group)
         self.dump_stacks = bool(dump_stacks)
         self.dump_wait = check_seconds("dump_wait", dump_wait, allow_zero=True)
+        #: the signal spawned workers register their stack dump on (read by TimerServer)
+        self.dump_signal = check_signal("dump_signal", dump_signal)
 
     def __repr__(self) -> str:
         return (
@@ -131,11 +150,8 @@ class SignalReaper:
     async def __call__(self, expiry: Expiry) -> None:
         """Reap ``expiry``'s process: dump stacks if asked, signal, escalate after grace."""
         group = self.process_group
-        if self.dump_stacks and expiry.dump_signal > 0:
-            if not expiry.send_signal(expiry.dump_signal):
-                return
-            if await expiry.wait_exit(self.dump_wait):
-                return
+        if self.dump_stacks and expiry.dump_stacks() and await expiry.wait_exit(self.dump_wait):
+            return
         sig = expiry.requested_signal or self.signal
         if not expiry.send_signal(sig, group=group):
             return

@@ -46,7 +46,7 @@ def test_set_same_scope_replaces_the_deadline() -> None:
     assert heap.garbage == 1
     assert heap.next_deadline() == 7.0
     assert heap.pop_expired(5.0) == []
-    (owner, (timer,)), = heap.pop_expired(7.0)
+    ((owner, (timer,)),) = heap.pop_expired(7.0)
     assert (owner, timer.scope, timer.deadline) == (1, "a", 7.0)
 
 

@@ -92,7 +92,11 @@ def test_scope_too_long_for_one_atomic_write_is_refused_by_the_encoder() -> None
 def test_json_lines_round_trip_like_torch() -> None:
     line = encode_json_request(42, "scope", 1.7e9, 9)
     assert json.loads(line) == {
-        "version": 1, "pid": 42, "scope_id": "scope", "expiration_time": 1.7e9, "signal": 9
+        "version": 1,
+        "pid": 42,
+        "scope_id": "scope",
+        "expiration_time": 1.7e9,
+        "signal": 9,
     }
     assert decode_json_line(line) == Request(Op.ACQUIRE_WALL, 42, "scope", 1.7e9, 9)
     release = decode_json_line(encode_json_request(42, "scope", -1, 0))
@@ -111,8 +115,10 @@ def test_json_lines_round_trip_like_torch() -> None:
         (b'{"pid": 1, "scope_id": "s", "expiration_time": NaN, "signal": 9}', "finite"),
         (b'{"pid": 1, "scope_id": "s", "expiration_time": Infinity, "signal": 9}', "finite"),
         (b'{"pid": -4, "scope_id": "s", "expiration_time": 1.0, "signal": 9}', "pid must be"),
-        (b'{"version": 2, "pid": 1, "scope_id": "s", "expiration_time": 1, "signal": 9}',
-         "unsupported version"),
+        (
+            b'{"version": 2, "pid": 1, "scope_id": "s", "expiration_time": 1, "signal": 9}',
+            "unsupported version",
+        ),
         (b"\xff\xfe", "not JSON"),
         (b'{"pid": 1, "scope_id": "' + b"x" * 5000 + b'"}', "exceeds"),
     ],

@@ -51,8 +51,12 @@ def test_public_objects_live_in_private_modules() -> None:
 
 
 def test_exception_families_share_one_root() -> None:
-    for name in ("ClientNotConfiguredError", "EntitlementError", "ProtocolError",
-                 "ServerUnavailableError"):
+    for name in (
+        "ClientNotConfiguredError",
+        "EntitlementError",
+        "ProtocolError",
+        "ServerUnavailableError",
+    ):
         assert issubclass(getattr(aiotimer, name), aiotimer.AiotimerError)
     # torch raises these builtins in the same situations; callers catching them keep working.
     assert issubclass(aiotimer.ClientNotConfiguredError, RuntimeError)

@@ -215,7 +215,9 @@ async def test_events_use_torch_names(
     events: list[tuple[str, Mapping[str, object]]] = []
     proc = sleeper()
     async with TimerServer(
-        clock=mock_clock, reaper=SignalReaper(signal.SIGKILL), log_event=lambda n, i: events.append((n, i))
+        clock=mock_clock,
+        reaper=SignalReaper(signal.SIGKILL),
+        log_event=lambda n, i: events.append((n, i)),
     ) as server:
         server.local_channel(pids=[proc.pid]).acquire(proc.pid, "s", 1.0)
         await mock_clock.advance(1.0)

@@ -1,0 +1,238 @@
+"""Real worker processes: spawn, pipe, kill, exit clearing, escalation, stack dumps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from aiotimer import SignalReaper, TimerServer
+from aiotimer.testing import RecordingReaper
+
+pytestmark = pytest.mark.slow
+
+# Generous: two shared, noisy cores, and each worker pays a Python start-up.
+WAIT = 60.0
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+async def wait_for(predicate, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+HANG = """
+    import sys, time, aiotimer
+    print("ready", flush=True)
+    with aiotimer.expires(after=0.2, scope="hang"):
+        time.sleep(600)
+"""
+
+
+async def test_hung_worker_is_killed_promptly() -> None:
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(HANG), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        assert await asyncio.wait_for(worker.stdout.readline(), WAIT) == b"ready\n"
+        rc = await asyncio.wait_for(worker.wait(), WAIT)
+        stats = server.statistics()
+    assert rc == -signal.SIGKILL
+    assert worker.killed_by_watchdog and worker.expired_scopes == ["hang"]
+    assert stats.expiries == 1 and stats.kills == 1
+    assert stats.expiry_lag_max >= 0.0
+
+
+async def test_worker_that_finishes_is_not_killed_and_its_exit_clears_timers() -> None:
+    code = """
+        import aiotimer, time
+        for i in range(200):
+            with aiotimer.expires(after=5):
+                pass
+        aiotimer.get_client().acquire("left armed at exit", time.monotonic() + 0.5)
+    """
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(code))
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0
+        await wait_for(lambda: server.statistics().active_timers == 0)
+        await asyncio.sleep(0.7)
+        stats = server.statistics()
+    assert stats.requests == 200 * 2 + 2  # acquires, releases, the hello and the last acquire
+    assert stats.expiries == 0 and not worker.killed_by_watchdog
+
+
+async def test_sigterm_then_sigkill_for_a_worker_that_ignores_sigterm() -> None:
+    code = """
+        import signal, time, aiotimer
+        signal.signal(signal.SIGTERM, lambda *a: print("ignoring SIGTERM", flush=True))
+        with aiotimer.expires(after=0.2, scope="stuck"):
+            time.sleep(600)
+    """
+    reaper = SignalReaper(signal.SIGTERM, grace=0.5)
+    async with TimerServer(reaper=reaper) as server:
+        worker = await server.spawn(*py(code), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        out = await asyncio.wait_for(worker.stdout.read(), WAIT)
+        rc = await asyncio.wait_for(worker.wait(), WAIT)
+    assert b"ignoring SIGTERM" in out
+    assert rc == -signal.SIGKILL
+
+
+async def test_sigterm_alone_suffices_for_a_worker_that_obeys_it() -> None:
+    reaper = SignalReaper("TERM", grace=30)
+    async with TimerServer(reaper=reaper) as server:
+        worker = await server.spawn(*py(HANG))
+        assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGTERM
+
+
+async def test_stacks_are_dumped_before_the_kill() -> None:
+    code = """
+        import time, aiotimer
+        def stuck_in_allreduce():
+            with aiotimer.expires(after=0.3, scope="allreduce"):
+                time.sleep(600)
+        stuck_in_allreduce()
+    """
+    reaper = SignalReaper(dump_stacks=True, dump_wait=0.5)
+    async with TimerServer(reaper=reaper) as server:
+        worker = await server.spawn(*py(code), stderr=asyncio.subprocess.PIPE)
+        assert worker.stderr is not None
+        err = await asyncio.wait_for(worker.stderr.read(), WAIT)
+        rc = await asyncio.wait_for(worker.wait(), WAIT)
+    assert rc == -signal.SIGKILL
+    assert b"stuck_in_allreduce" in err, err.decode(errors="replace")
+
+
+async def test_malformed_pipe_messages_are_rejected_and_the_rest_honoured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code = """
+        import os, time, aiotimer
+        fd = int(os.environ["AIOTIMER_FD"])
+        with aiotimer.expires(after=30, scope="fine"):
+            os.write(fd, b"\\x00\\x01 this is not a frame \\xff" * 3)
+            pass
+        os.write(fd, b"more garbage")
+        with aiotimer.expires(after=0.2, scope="hang"):
+            time.sleep(600)
+    """
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(code))
+        rc = await asyncio.wait_for(worker.wait(), WAIT)
+        stats = server.statistics()
+    assert rc == -signal.SIGKILL and worker.expired_scopes == ["hang"]
+    assert stats.rejected >= 1
+    assert "corrupt frame header" in caplog.text
+
+
+async def test_child_processes_are_keyed_by_their_own_pid() -> None:
+    # Parent and forked child use the same scope; the child hangs. Only the child dies.
+    code = """
+        import os, sys, time, aiotimer
+        with aiotimer.expires(after=30, scope="same"):
+            pid = os.fork()
+            if pid == 0:
+                with aiotimer.expires(after=0.2, scope="same"):
+                    time.sleep(600)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+        print("child status", os.waitstatus_to_exitcode(status), flush=True)
+    """
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(code), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        out = await asyncio.wait_for(worker.stdout.read(), WAIT)
+        rc = await asyncio.wait_for(worker.wait(), WAIT)
+    assert rc == 0
+    assert out.strip() == f"child status {-signal.SIGKILL}".encode()
+    assert not worker.killed_by_watchdog
+
+
+async def test_process_group_kill_takes_the_workers_children_too() -> None:
+    code = """
+        import subprocess, sys, time, aiotimer
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+        with aiotimer.expires(after=0.3, scope="hang"):
+            time.sleep(600)
+    """
+    async with TimerServer(reaper=SignalReaper(process_group=True)) as server:
+        worker = await server.spawn(*py(code), process_group=True, stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        child_pid = int(await asyncio.wait_for(worker.stdout.readline(), WAIT))
+        assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+    # The grandchild was in the group: it is gone (or a zombie awaiting init).
+    for _ in range(500):
+        try:
+            with open(f"/proc/{child_pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        raise AssertionError("the worker's child survived a process-group kill")
+
+
+async def test_a_worker_specific_reaper_overrides_the_servers() -> None:
+    reaper = RecordingReaper()
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(HANG), reaper=reaper)
+        await wait_for(lambda: bool(reaper.expiries))
+        assert reaper.scopes == [["hang"]] and worker.returncode is None
+    # aclose() kills and reaps what is still running.
+    assert worker.returncode == -signal.SIGKILL
+
+
+async def test_async_timer_with_soft_timeout_in_a_worker() -> None:
+    code = """
+        import asyncio, aiotimer
+        async def main():
+            try:
+                async with aiotimer.timer(after=30, scope="fetch", soft_timeout=0.2):
+                    await asyncio.sleep(600)
+            except TimeoutError:
+                print("soft timeout", flush=True)
+        asyncio.run(main())
+    """
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(code), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        out = await asyncio.wait_for(worker.stdout.read(), WAIT)
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0
+        assert server.statistics().active_timers == 0
+    assert out == b"soft timeout\n"
+
+
+async def test_client_raises_broken_pipe_when_the_server_is_gone() -> None:
+    code = """
+        import sys, time, aiotimer
+        sys.stdin.readline()  # wait until the server has closed our pipe
+        try:
+            with aiotimer.expires(after=5):
+                pass
+        except BrokenPipeError as exc:
+            print(type(exc).__name__, flush=True)
+    """
+    async with TimerServer() as server:
+        worker = await server.spawn(
+            *py(code), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        for channel in list(server._channels):
+            channel.close()
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(b"go\n")
+        await worker.stdin.drain()
+        out = await asyncio.wait_for(worker.stdout.read(), WAIT)
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0
+    assert out == b"ServerUnavailableError\n"
