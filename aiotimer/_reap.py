@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import signal as _signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._events import logger
 from ._process import ProcessGone
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ._heap import Timer
     from ._workers import WatchedProcess, Worker
 
-__all__ = ["ExpiredTimer", "Expiry", "Reaper", "SignalReaper", "run_reaper"]
+__all__ = ["ExpiredTimer", "Expiry", "Reaper", "SignalReaper"]
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,30 @@ class SignalReaper:
             f"process_group={self.process_group}, dump_stacks={self.dump_stacks})"
         )
 
-    async def __call__(self, expiry: Expiry) -> None:
-        """Reap ``expiry``'s process: dump stacks if asked, signal, escalate after grace."""
-        group = self.process_group
-        if self.dump_stacks and expiry.dump_stacks() and await expiry.wait_exit(self.dump_wait):
-            return
+    def __call__(self, expiry: Expiry) -> Coroutine[Any, Any, None] | None:
+        """Reap ``expiry``'s process.
+
+        Sends the signal at once, during the call, and returns a coroutine only
+        for what must wait: a stack dump first, or escalation after ``grace``.
+        """
+        if self.dump_stacks and expiry.dump_signal > 0:
+            return self._dump_then_kill(expiry)
+        return self._kill(expiry)
+
+    def _kill(self, expiry: Expiry) -> Coroutine[Any, Any, None] | None:
         sig = expiry.requested_signal or self.signal
-        if not expiry.send_signal(sig, group=group):
+        if not expiry.send_signal(sig, group=self.process_group) or sig == _signal.SIGKILL:
+            return None
+        return self._escalate(expiry, sig)
+
+    async def _dump_then_kill(self, expiry: Expiry) -> None:
+        if expiry.dump_stacks() and await expiry.wait_exit(self.dump_wait):
             return
-        if sig == _signal.SIGKILL:
-            return
+        follow_up = self._kill(expiry)
+        if follow_up is not None:
+            await follow_up
+
+    async def _escalate(self, expiry: Expiry, sig: int) -> None:
         if await expiry.wait_exit(self.grace):
             return
         logger.warning(
@@ -165,11 +179,4 @@ class SignalReaper:
             self.grace,
             _signal.Signals(sig).name,
         )
-        expiry.send_signal(_signal.SIGKILL, group=group)
-
-
-async def run_reaper(reaper: Reaper, expiry: Expiry) -> None:
-    """Call ``reaper``, awaiting it if it returned an awaitable."""
-    result = reaper(expiry)
-    if isinstance(result, Awaitable):
-        await result
+        expiry.send_signal(_signal.SIGKILL, group=self.process_group)

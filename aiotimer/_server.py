@@ -7,7 +7,7 @@ import enum
 import math
 import os
 import signal as _signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from ._clock import Cancellable, Clock, SystemClock
@@ -27,7 +27,7 @@ from ._events import (
 from ._heap import DeadlineHeap, Timer
 from ._process import ProcessGone, open_pidfd, pidfd_alive
 from ._protocol import ENV_DUMP_SIGNAL, ENV_FD, Op, Request
-from ._reap import Expiry, Reaper, SignalReaper, run_reaper
+from ._reap import Expiry, Reaper, SignalReaper
 from ._validate import check_signal
 from ._workers import WatchedProcess, Worker
 from .transports._base import Channel
@@ -115,6 +115,9 @@ class TimerServer:
         self._workers: set[Worker] = set()
         self._reapers: set[asyncio.Task[None]] = set()
         self._listeners: list[Any] = []
+        # During an expiry burst: kill events held back until the burst is over.
+        self._kill_events: list[tuple[Expiry, int, float]] | None = None
+        self._reaped: dict[int, WatchedProcess] = {}
 
     def __repr__(self) -> str:
         return (
@@ -434,15 +437,25 @@ class TimerServer:
                 self._expire(now)
 
     def _expire(self, now: float) -> None:
-        assert self._loop is not None
+        # Signals go out first, in one burst, before any logging: with many
+        # processes expiring together, every one of them is signalled as close to
+        # its deadline as the machine allows.  Events are emitted afterwards, in
+        # torch's order ("timer expired" before "kill worker process").
+        groups = self._heap.pop_expired(now)
+        self._kill_events = []
+        try:
+            for owner, timers in groups:
+                self._start_reaping(owner, timers, now)
+        finally:
+            kill_events, self._kill_events = self._kill_events, None
         counters = self._counters
-        for owner, timers in self._heap.pop_expired(now):
-            process = self._by_id.get(owner)
+        for owner, timers in groups:
+            process = self._by_id.get(owner) or self._reaped.get(owner)
+            pid = process.pid if process is not None else None
             for timer in timers:
                 lag = now - timer.deadline
                 counters.expiries += 1
                 counters.record_lag(lag)
-                pid = process.pid if process is not None else None
                 logger.warning(
                     "timer %r of pid %s expired (%.3f ms after its deadline)",
                     timer.scope,
@@ -454,28 +467,66 @@ class TimerServer:
                     TIMER_EXPIRED,
                     {"pid": pid, "scope": timer.scope, "deadline": timer.deadline, "lag": lag},
                 )
-            if process is None or process.exited:
-                continue
-            requested = self._requested_signal(process, timers)
-            if requested is not None and requested <= 0:
-                logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
-                continue
-            if process.reaping:
-                continue
-            process.reaping = True
-            # The process is about to be killed: its other timers go with it.
-            self._heap.remove_owner(owner)
-            process.requested_signals.clear()
-            worker = process.worker
-            if worker is not None and worker.pid == process.pid:
-                worker.expired_scopes.extend(t.scope for t in timers)
-            reaper = worker.reaper if worker is not None and worker.reaper else self._reaper
-            expiry = Expiry(
-                process, timers, now, requested_signal=requested, on_signal=self._signalled
-            )
-            task = self._loop.create_task(self._reap(reaper, expiry, process))
-            self._reapers.add(task)
-            task.add_done_callback(self._reapers.discard)
+        self._reaped.clear()
+        for expiry, sig, latency in kill_events:
+            self._report_kill(expiry, sig, latency)
+
+    def _start_reaping(self, owner: int, timers: list[Timer], now: float) -> None:
+        process = self._by_id.get(owner)
+        if process is None or process.exited:
+            return
+        # Remember it for the log lines even if it dies during the burst.
+        self._reaped[owner] = process
+        requested = self._requested_signal(process, timers)
+        if requested is not None and requested <= 0:
+            logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
+            return
+        if process.reaping:
+            return
+        process.reaping = True
+        worker = process.worker
+        reaper = worker.reaper if worker is not None and worker.reaper else self._reaper
+        expiry = Expiry(process, timers, now, requested_signal=requested, on_signal=self._signalled)
+        # The reaper is called right here, not in a new task: a sync reaper (and
+        # the first signal of the built-in one) acts before the loop turns.
+        # Bookkeeping waits until after it.
+        error: Exception | None = None
+        try:
+            result = reaper(expiry)
+        except Exception as exc:
+            result, error = None, exc
+        # The process is being killed: its other timers go with it.
+        self._heap.remove_owner(owner)
+        process.requested_signals.clear()
+        if worker is not None and worker.pid == process.pid:
+            worker.expired_scopes.extend(t.scope for t in timers)
+        if error is not None:
+            self._reaper_failed(reaper, expiry, 1, error)
+            self._spawn_reap(self._reap(reaper, expiry, process, None, 2))
+            return
+        if isinstance(result, Awaitable):
+            self._spawn_reap(self._reap(reaper, expiry, process, result, 1))
+        else:
+            process.reaping = False
+
+    def _spawn_reap(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    def _reaper_failed(
+        self, reaper: Reaper, expiry: Expiry, attempt: int, error: Exception
+    ) -> None:
+        self._counters.reaper_errors += 1
+        logger.error(
+            "reaper %r failed for pid %d (attempt %d of %d)",
+            reaper,
+            expiry.pid,
+            attempt,
+            self._reap_attempts,
+            exc_info=error,
+        )
 
     @staticmethod
     def _requested_signal(process: WatchedProcess, timers: list[Timer]) -> int | None:
@@ -499,6 +550,12 @@ class TimerServer:
         worker = expiry.worker
         if worker is not None and worker.pid == expiry.pid:
             worker.killed_by_watchdog = True
+        if self._kill_events is not None:
+            self._kill_events.append((expiry, sig, latency))
+        else:
+            self._report_kill(expiry, sig, latency)
+
+    def _report_kill(self, expiry: Expiry, sig: int, latency: float) -> None:
         logger.warning(
             "sent %s to pid %d (%.3f ms after its deadline)",
             _signal_name(sig),
@@ -530,26 +587,39 @@ class TimerServer:
         finally:
             handle.cancel()
 
-    async def _reap(self, reaper: Reaper, expiry: Expiry, process: WatchedProcess) -> None:
+    async def _reap(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        pending: Awaitable[object] | None,
+        attempt: int,
+    ) -> None:
+        """Finish a reaper call that returned an awaitable, and retry failures with backoff."""
         backoff = 0.05
         try:
-            for attempt in range(1, self._reap_attempts + 1):
-                try:
-                    await run_reaper(reaper, expiry)
-                    return
-                except Exception:
-                    self._counters.reaper_errors += 1
-                    logger.exception(
-                        "reaper %r failed for pid %d (attempt %d of %d)",
-                        reaper,
-                        expiry.pid,
-                        attempt,
-                        self._reap_attempts,
-                    )
-                if expiry.exited or attempt == self._reap_attempts:
+            while True:
+                if pending is not None:
+                    try:
+                        await pending
+                        return
+                    except Exception as exc:
+                        self._reaper_failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                if expiry.exited or attempt > self._reap_attempts:
                     break
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                try:
+                    result = reaper(expiry)
+                except Exception as exc:
+                    self._reaper_failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                    pending = None
+                    continue
+                if not isinstance(result, Awaitable):
+                    return
+                pending = result
             if not expiry.exited:
                 logger.error("gave up reaping pid %d; it is still running", expiry.pid)
         finally:

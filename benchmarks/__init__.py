@@ -1,0 +1,1 @@
+"""The aiotimer benchmark harness: ``python -m benchmarks --help``."""

@@ -1,0 +1,33 @@
+"""A benchmark worker: arms one timer at the deadline the harness sends, then hangs.
+
+argv[1] is the mode: ``aiotimer`` (pipe client), ``none`` (the floor: no timer),
+``torch-file PATH`` or ``torch-local`` (torch clients; used by the torch backends).
+The harness writes the absolute CLOCK_MONOTONIC deadline (or wall-clock, for
+torch) on stdin; the worker arms its timer, prints ``armed`` and hangs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "aiotimer":
+        import aiotimer
+    print("ready", flush=True)
+    deadline = float(sys.stdin.readline())
+    if mode == "aiotimer":
+        aiotimer.get_client().acquire("hang", deadline)
+    elif mode == "torch-file":
+        from torch.distributed.elastic.timer import FileTimerClient
+
+        FileTimerClient(sys.argv[2]).acquire("hang", deadline)
+    print("armed", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
