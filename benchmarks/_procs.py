@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -48,10 +49,8 @@ class DeathWatch:
         """Wait until every watched process died, or ``timeout`` seconds."""
         if not self._fds:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_dead.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def close(self) -> list[int]:
         """Stop watching; return the pids that never died."""
