@@ -9,16 +9,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from ._events import KILL_WORKER_PROCESS, TIMER_EXPIRED
 from ._reap import SignalReaper
 from ._server import TimerServer
 from ._validate import check_seconds, check_signal
 
-__all__ = ["main", "run_job"]
+__all__ = ["main", "run_job", "serve_command"]
 
 #: ``aiotimer run`` exit status when a worker was still hanging after its last restart.
 EXIT_WATCHDOG = 124
@@ -171,6 +172,40 @@ async def run_job(
     return 0
 
 
+async def serve_command(
+    command: Sequence[str],
+    *,
+    fifo: str,
+    roots: Sequence[int] = (),
+    reaper: SignalReaper | None = None,
+) -> int:
+    """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
+
+    ``command`` (torchrun, typically) gets ``TORCHELASTIC_TIMER_FILE=fifo``, which
+    torchrun hands on to every worker, so workers that use torch's own
+    ``FileTimerClient`` are served by aiotimer.  SIGINT and SIGTERM are passed
+    on to the command.
+    """
+    from .transports.fifo import listen_fifo
+
+    if not command:
+        raise ValueError("`command` must name a program to run, got an empty command")
+    async with TimerServer(reaper=reaper) as server:
+        await listen_fifo(server, fifo, roots=roots)
+        env = dict(os.environ)
+        env["TORCHELASTIC_TIMER_FILE"] = fifo
+        child = await server.spawn(command[0], *command[1:], env=env)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, child.send_signal, sig)
+        try:
+            returncode = await child.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return returncode if returncode >= 0 else 128 - returncode
+
+
 def _positive_int(name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -225,29 +260,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="restarts of a rank after a watchdog kill (default 0)",
     )
-    run.add_argument(
+    _add_reaper_options(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
+        description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
+        "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
+        "Exits with CMD's status.",
+    )
+    serve.add_argument(
+        "--fifo",
+        default=None,
+        help="FIFO path (default: a new one in the temporary directory)",
+    )
+    serve.add_argument(
+        "--root",
+        type=_positive_int("--root"),
+        action="append",
+        default=[],
+        help="also accept requests for descendants of this pid (repeatable)",
+    )
+    _add_reaper_options(serve)
+    serve.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    return parser
+
+
+def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--signal",
         type=_signal_arg,
         default=signal.SIGKILL,
-        help="signal sent on expiry (default KILL)",
+        help="signal sent on expiry (default KILL; a torch client's own signal wins)",
     )
-    run.add_argument(
+    parser.add_argument(
         "--grace",
         type=_seconds("--grace"),
         default=5.0,
         help="seconds between --signal and SIGKILL (default 5)",
     )
-    run.add_argument(
+    parser.add_argument(
         "--dump-stacks", action="store_true", help="print the hung worker's Python stacks first"
     )
-    run.add_argument(
+    parser.add_argument(
         "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="level of aiotimer's own log on stderr (default WARNING)",
     )
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(args.log_level)
     reaper = SignalReaper(args.signal, grace=args.grace, dump_stacks=args.dump_stacks)
-    coro = run_job(cmd, nprocs=args.nprocs, max_restarts=args.max_restarts, reaper=reaper)
+    coro: Coroutine[Any, Any, int]
+    if args.command == "serve":
+        fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
+        coro = serve_command(cmd, fifo=fifo, roots=args.root, reaper=reaper)
+    else:
+        coro = run_job(cmd, nprocs=args.nprocs, max_restarts=args.max_restarts, reaper=reaper)
     factory = _loop_factory()
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

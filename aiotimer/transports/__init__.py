@@ -3,5 +3,17 @@
 from ._base import Channel as Channel
 from ._local import LocalChannel as LocalChannel
 from ._pipe import PipeChannel as PipeChannel
+from .fifo import FifoListener as FifoListener
+from .fifo import listen_fifo as listen_fifo
+from .mpqueue import QueueBridge as QueueBridge
+from .mpqueue import bridge_queue as bridge_queue
 
-__all__ = ["Channel", "LocalChannel", "PipeChannel"]
+__all__ = [
+    "Channel",
+    "FifoListener",
+    "LocalChannel",
+    "PipeChannel",
+    "QueueBridge",
+    "bridge_queue",
+    "listen_fifo",
+]

@@ -1,0 +1,1 @@
+"""Drop-in replacements for other watchdog timer APIs (``aiotimer.compat.torch``)."""

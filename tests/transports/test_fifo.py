@@ -1,0 +1,105 @@
+"""The FIFO transport (torch's wire format) on every loop, without torch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aiotimer import TimerServer
+from aiotimer._protocol import encode_json_request
+from aiotimer.testing import MockClock, RecordingReaper
+from aiotimer.transports import listen_fifo
+
+
+def write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_lines_are_reassembled_bad_ones_rejected_and_the_rest_kept(
+    tmp_path: Path,
+    mock_clock: MockClock,
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+) -> None:
+    pid = sleeper().pid
+    fifo = tmp_path / "f"
+    reaper = RecordingReaper()
+    async with TimerServer(clock=mock_clock, reaper=reaper) as server:
+        await listen_fifo(server, fifo)
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o600
+        wall = mock_clock.wall()
+        line = encode_json_request(pid, "a", wall + 5, 9)
+        write(fifo, line[:10])  # a line split across two writes
+        write(fifo, line[10:] + b"{oops\n" + b"x" * 5000 + b"\n")
+        write(
+            fifo, encode_json_request(pid, "b", wall + 7, 9) + encode_json_request(pid, "b", -1, 0)
+        )
+        await until(lambda: server.statistics().requests == 3)
+        stats = server.statistics()
+        assert stats.rejected == 2 and stats.active_timers == 1
+        await mock_clock.advance(5.0)
+        assert reaper.scopes == [["a"]]
+        assert reaper.expiries[0].requested_signal == 9
+    assert not fifo.exists()
+
+
+async def test_the_server_itself_and_foreign_pids_are_refused(
+    tmp_path: Path, mock_clock: MockClock
+) -> None:
+    fifo = tmp_path / "f"
+    async with TimerServer(clock=mock_clock, reaper=RecordingReaper()) as server:
+        await listen_fifo(server, fifo)
+        for pid in (os.getpid(), 1, os.getppid()):
+            write(fifo, encode_json_request(pid, "evil", mock_clock.wall() + 1, 9))
+        await until(lambda: server.statistics().rejected == 3)
+        assert server.statistics().active_timers == 0
+
+
+async def test_clients_closing_do_not_make_the_reader_spin(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    async with TimerServer() as server:
+        await listen_fifo(server, fifo)
+        write(fifo, b"\n")  # a client opens, writes and closes
+        await asyncio.sleep(0.05)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = usage.ru_utime + usage.ru_stime
+        await asyncio.sleep(0.5)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        assert usage.ru_utime + usage.ru_stime - cpu0 < 0.25  # a spinning reader burns ~0.5 s
+
+
+async def test_a_path_that_is_not_a_fifo_is_refused(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("data")
+    async with TimerServer() as server:
+        with pytest.raises(FileExistsError, match="exists and is not a FIFO"):
+            await listen_fifo(server, precious)
+    assert precious.read_text() == "data"
+
+
+async def test_a_stale_fifo_is_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    async with TimerServer() as server:
+        await listen_fifo(server, fifo)
+        write(fifo, b"\n")
+    assert not fifo.exists()
