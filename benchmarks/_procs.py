@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 WORKER = str(Path(__file__).with_name("_worker.py"))
+OBSERVER = str(Path(__file__).with_name("_observer.py"))
 ROOT = str(Path(__file__).resolve().parent.parent)
 # Python start-up of 64 workers on two shared cores takes seconds; allow plenty.
 STARTUP_TIMEOUT = 120.0
@@ -23,43 +22,48 @@ def worker_env() -> dict[str, str]:
 
 
 class DeathWatch:
-    """Records, on the loop, when each watched process exits (its pidfd turns readable)."""
+    """Timestamps each watched process's death from a separate observer process.
+
+    Watching from the server's own loop would measure the loop's backlog as
+    well as the deaths, and bias against whatever else that loop does.
+    """
 
     def __init__(self) -> None:
         self.deaths: dict[int, float] = {}
-        self._fds: dict[int, int] = {}
-        self._loop = asyncio.get_running_loop()
-        self._all_dead: asyncio.Event = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pids: list[int] = []
 
-    def watch(self, pid: int) -> None:
-        """Start watching ``pid``."""
-        fd = os.pidfd_open(pid)
-        self._fds[pid] = fd
-        self._loop.add_reader(fd, self._died, pid)
+    async def start(self, pids: list[int]) -> None:
+        """Start observing ``pids``; returns once their pidfds are open."""
+        self._pids = list(pids)
+        pipe = asyncio.subprocess.PIPE
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, OBSERVER, stdin=pipe, stdout=pipe
+        )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write((" ".join(map(str, pids)) + "\n").encode())
+        await self._proc.stdin.drain()
+        await expect_line(self._proc.stdout, b"watching")
 
-    def _died(self, pid: int) -> None:
-        self.deaths[pid] = time.monotonic()
-        fd = self._fds.pop(pid)
-        self._loop.remove_reader(fd)
-        os.close(fd)
-        if not self._fds:
-            self._all_dead.set()
-
-    async def wait_all(self, timeout: float) -> None:
-        """Wait until every watched process died, or ``timeout`` seconds."""
-        if not self._fds:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_dead.wait(), timeout)
-
-    def close(self) -> list[int]:
-        """Stop watching; return the pids that never died."""
-        alive = list(self._fds)
-        for fd in self._fds.values():
-            self._loop.remove_reader(fd)
-            os.close(fd)
-        self._fds.clear()
-        return alive
+    async def wait_all(self, timeout: float) -> list[int]:
+        """Wait until all died or ``timeout`` passed; return the pids that never died."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            out = await asyncio.wait_for(proc.stdout.read(), timeout)
+        except TimeoutError:
+            proc.stdin.write(b"stop\n")
+            await proc.stdin.drain()
+            out = await proc.stdout.read()
+        proc.stdin.close()
+        await proc.wait()
+        for line in out.decode().splitlines():
+            if line == "done":
+                break
+            pid, when = line.split()
+            if when != "nan":
+                self.deaths[int(pid)] = float(when)
+        return [pid for pid in self._pids if pid not in self.deaths]
 
 
 async def expect_line(stream: asyncio.StreamReader | None, want: bytes) -> None:

@@ -50,9 +50,9 @@ async def _arm(procs, deadline: float) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError("workers armed after the deadline: raise LEAD")
 
 
-def _collect(watch: DeathWatch, pids: list[int], deadline: float) -> KillRun:
+async def _collect(watch: DeathWatch, pids: list[int], deadline: float) -> KillRun:
     run = KillRun()
-    run.missed = len(watch.close())
+    run.missed = len(await watch.wait_all(LEAD + MISS_AFTER))
     run.kill = [watch.deaths[pid] - deadline for pid in pids if pid in watch.deaths]
     return run
 
@@ -70,8 +70,7 @@ async def floor(n: int) -> KillRun:
     procs = await _start(spawn, n)
     watch = DeathWatch()
     pidfds = [os.pidfd_open(p.pid) for p in procs]
-    for p in procs:
-        watch.watch(p.pid)
+    await watch.start([p.pid for p in procs])
     deadline = time.monotonic() + LEAD
     await _arm(procs, deadline)
     loop = asyncio.get_running_loop()
@@ -88,11 +87,10 @@ async def floor(n: int) -> KillRun:
             run_decision.append(time.monotonic() - deadline)
 
     loop.call_later(max(0.0, deadline - time.monotonic() - 0.001), kill_all)
-    await watch.wait_all(LEAD + MISS_AFTER)
+    run = await _collect(watch, [p.pid for p in procs], deadline)
     for fd in pidfds:
         os.close(fd)
     await asyncio.gather(*(p.wait() for p in procs))
-    run = _collect(watch, [p.pid for p in procs], deadline)
     run.decision = run_decision
     return run
 
@@ -115,12 +113,10 @@ async def aiotimer_pipe(n: int) -> KillRun:
 
         workers = await _start(spawn, n)
         watch = DeathWatch()
-        for w in workers:
-            watch.watch(w.pid)
+        await watch.start([w.pid for w in workers])
         deadline = time.monotonic() + LEAD
         await _arm(workers, deadline)
-        await watch.wait_all(LEAD + MISS_AFTER)
-        run = _collect(watch, [w.pid for w in workers], deadline)
+        run = await _collect(watch, [w.pid for w in workers], deadline)
         run.decision = decisions
     return run
 
