@@ -241,6 +241,23 @@ def _seconds(name: str) -> Callable[[str], float]:
     return parse
 
 
+def _bench(argv: list[str]) -> int:
+    """``aiotimer bench ...``: the harness lives in the checkout's ``benchmarks`` package."""
+    import importlib
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        harness: Any = importlib.import_module("benchmarks.__main__")
+    except ImportError:
+        print(
+            "aiotimer bench: the benchmark harness ships with the source checkout; run this "
+            "from its top directory (or: python -m benchmarks)",
+            file=sys.stderr,
+        )
+        return 2
+    return int(harness.main(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aiotimer`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -284,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_reaper_options(serve)
     serve.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    sub.add_parser(
+        "bench",
+        help="run the benchmark harness (from a source checkout): aiotimer bench --help",
+        add_help=False,
+    )
     return parser
 
 
@@ -314,6 +337,9 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aiotimer`` command."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = parser.parse_args(argv)
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":

@@ -1,19 +1,34 @@
-"""``python -m benchmarks``: kill latency and idle cost, on asyncio and uvloop."""
+"""aiotimer's benchmark harness: aiotimer against torch's timer servers, in one run.
+
+    python -m benchmarks            # the full run (several minutes)
+    python -m benchmarks --quick    # every figure, small sizes (under a minute)
+
+Scenarios: kill (kill latency vs the floor), throughput, scale, idle, client;
+aiotimer's rows run on asyncio and on uvloop.  Prints tables with progress on
+stderr, and writes JSON, a Markdown table and a PNG chart.  Performance claims
+are ratios measured in the same run on the same machine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import math
+import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import idle, kill
+from . import client, idle, kill, scale, throughput
 from ._stats import median, summarize_ms
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("kill", "throughput", "scale", "idle", "client")
 
 
 def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -28,114 +43,532 @@ def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
 
 
 def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion on a new loop from ``factory``."""
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
 
 
 def progress(text: str) -> None:
+    """A progress line on stderr."""
     print(f"  .. {text}", file=sys.stderr, flush=True)
 
 
-def bench_kill(workers: list[int], reps: int, loops: dict[str, Any]) -> list[dict[str, Any]]:
+class Report:
+    """Collects tables for the terminal and for Markdown."""
+
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, list[str], list[list[str]]]] = []
+
+    def table(self, title: str, headers: list[str], rows: list[list[str]]) -> None:
+        """Print a table now and keep it for the Markdown report."""
+        self.sections.append((title, headers, rows))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        print(f"\n{title}")
+        print(
+            "  ".join(
+                h.ljust(w) if i == 0 else h.rjust(w)
+                for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+            )
+        )
+        for row in rows:
+            print(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+
+    def markdown(self, header: str) -> str:
+        """Every table as Markdown."""
+        out = [header]
+        for title, headers, rows in self.sections:
+            out += [
+                "",
+                f"**{title}**",
+                "",
+                "| " + " | ".join(headers) + " |",
+                "|" + "|".join("---" for _ in headers) + "|",
+            ]
+            out += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(out) + "\n"
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    """A number for a table ('-' for NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 1e5:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def ratio(ours: float, theirs: float) -> str:
+    """How many times ``theirs`` is ``ours`` (e.g. latency torch/ours): '12.3x'."""
+    if not ours or math.isnan(ours) or math.isnan(theirs):
+        return "-"
+    return f"{theirs / ours:.1f}x"
+
+
+# -- kill latency ---------------------------------------------------------------
+
+
+def bench_kill(
+    workers: Sequence[int],
+    reps: int,
+    loops: dict[str, Any],
+    has_torch: bool,
+    torch_defaults: bool,
+    report: Report,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for n in workers:
-        for loop_name, factory in loops.items():
-            for backend, measure in kill.BACKENDS.items():
+        for backend in kill.backends(torch_defaults):
+            if backend.needs_torch and not has_torch:
+                continue
+            defaults = backend.name.endswith(("@10", "@60"))
+            if defaults and n > 1:
+                continue  # seconds per run: N=1 shows the point
+            names = loops if backend.on_every_loop else {"asyncio": loops["asyncio"]}
+            for loop_name, factory in names.items():
                 kills: list[float] = []
                 decisions: list[float] = []
                 missed = 0
-                per_rep_p99: list[float] = []
-                for rep in range(reps):
-                    progress(f"kill latency: {backend} on {loop_name}, N={n}, rep {rep + 1}/{reps}")
-                    run = run_on(factory, measure(n))
+                p99s: list[float] = []
+                for rep in range(1 if defaults else reps):
+                    progress(f"kill: {backend.name} on {loop_name}, N={n}, rep {rep + 1}")
+                    run = run_on(factory, backend.measure(n))
                     kills += run.kill
                     decisions += run.decision
                     missed += run.missed
-                    per_rep_p99.append(summarize_ms(run.kill).p99)
+                    p99s.append(summarize_ms(run.kill).p99)
                 rows.append(
                     {
                         "scenario": "kill",
-                        "backend": backend,
-                        "loop": loop_name,
+                        "backend": backend.name,
+                        "kind": backend.kind,
+                        "floor": backend.is_floor,
+                        "loop": loop_name if backend.on_every_loop else "-",
                         "workers": n,
                         "reps": reps,
+                        "missed": missed,
                         "kill_ms": summarize_ms(kills).as_dict(),
                         "decision_ms": summarize_ms(decisions).as_dict(),
-                        "kill_p99_ms_median_of_reps": median(per_rep_p99),
-                        "missed": missed,
+                        "kill_p99_ms_median_of_reps": median(p99s),
+                        "kill_samples_ms": [k * 1e3 for k in kills],
                     }
                 )
+    table = []
+    for r in rows:
+        floor = next(
+            f
+            for f in rows
+            if f["floor"] and f["kind"] == r["kind"] and f["workers"] == r["workers"]
+        )
+        k, d, fk = r["kill_ms"], r["decision_ms"], floor["kill_ms"]
+        vs_floor = (
+            "-" if r["floor"] else f"{k['p99'] - fk['p99']:+.2f} ms ({k['p99'] / fk['p99']:.2f}x)"
+        )
+        torch_p99 = {
+            t["backend"]: t["kill_ms"]["p99"]
+            for t in rows
+            if t["backend"].startswith("torch") and t["workers"] == r["workers"]
+        }
+        vs_torch = (
+            " ".join(
+                f"{name.split('@')[0].replace('torch-', '')}@{name.split('@')[1]}:"
+                f"{ratio(k['p99'], p99)}"
+                for name, p99 in torch_p99.items()
+            )
+            if r["backend"].startswith("aiotimer")
+            else ""
+        )
+        table.append(
+            [
+                r["backend"],
+                r["loop"],
+                str(r["workers"]),
+                fmt(k["p50"]),
+                fmt(k["p99"]),
+                fmt(k["max"]),
+                fmt(d["p50"], 3),
+                fmt(d["p99"], 3),
+                str(r["missed"]),
+                vs_floor,
+                vs_torch,
+            ]
+        )
+    report.table(
+        "Kill latency, ms: deadline -> death (kill) and deadline -> signal sent (decision)",
+        [
+            "backend",
+            "loop",
+            "N",
+            "kill p50",
+            "p99",
+            "max",
+            "dec p50",
+            "dec p99",
+            "missed",
+            "p99 vs floor",
+            "p99 speed-up vs torch",
+        ],
+        table,
+    )
     return rows
 
 
-def print_kill(rows: list[dict[str, Any]]) -> None:
-    print("\nKill latency (deadline -> death; decision = deadline -> signal sent), ms")
-    head = f"{'backend':<16}{'loop':<9}{'N':>4} {'kill p50':>9}{'p99':>9}{'max':>9}"
-    head += f" {'dec p50':>9}{'p99':>9}{'max':>9} {'missed':>6} {'p99 vs floor':>13}"
-    print(head)
-    floors = {(r["loop"], r["workers"]): r for r in rows if r["backend"] == "floor"}
+# -- throughput -----------------------------------------------------------------
+
+
+def bench_throughput(
+    workers: Sequence[int], seconds: float, loops: dict[str, Any], has_torch: bool, report: Report
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for w in workers:
+        for name, (measure, every_loop, needs_torch) in throughput.BACKENDS.items():
+            if needs_torch and not has_torch:
+                continue
+            names = loops if every_loop else {"asyncio": loops["asyncio"]}
+            for loop_name, factory in names.items():
+                progress(f"throughput: {name} on {loop_name}, W={w}, {seconds:g} s")
+                t = run_on(factory, measure(w, seconds))
+                rows.append(
+                    {
+                        "scenario": "throughput",
+                        "backend": name,
+                        "loop": loop_name if every_loop else "-",
+                        "workers": w,
+                        "seconds": seconds,
+                        "pairs_sent_per_s": t.sent_pairs_per_s,
+                        "requests_processed_per_s": t.processed_per_s,
+                        "backlog": t.backlog,
+                        "backlog_pct": 100.0 * t.backlog / max(1, 2 * t.pairs),
+                        "client_errors": t.errors,
+                    }
+                )
+    table = []
     for r in rows:
-        k, d = r["kill_ms"], r["decision_ms"]
-        fl = floors.get((r["loop"], r["workers"]))
-        delta = ""
-        if fl is not None and r["backend"] != "floor":
-            delta = f"{k['p99'] - fl['kill_ms']['p99']:+.2f} ms"
-        print(
-            f"{r['backend']:<16}{r['loop']:<9}{r['workers']:>4} {k['p50']:>9.2f}{k['p99']:>9.2f}"
-            f"{k['max']:>9.2f} {d['p50']:>9.3f}{d['p99']:>9.3f}{d['max']:>9.3f} "
-            f"{r['missed']:>6} {delta:>13}"
+        torch_rates = {
+            t["backend"]: t["requests_processed_per_s"]
+            for t in rows
+            if t["backend"].startswith("torch") and t["workers"] == r["workers"]
+        }
+        vs = (
+            " ".join(
+                f"{n.replace('torch-', '')}:{ratio(rate, r['requests_processed_per_s'])}"
+                for n, rate in torch_rates.items()
+            )
+            if r["backend"].startswith("aiotimer")
+            else ""
         )
+        table.append(
+            [
+                r["backend"],
+                r["loop"],
+                str(r["workers"]),
+                fmt(r["pairs_sent_per_s"], 0),
+                fmt(r["requests_processed_per_s"] / 2, 0),
+                fmt(r["requests_processed_per_s"], 0),
+                f"{r['backlog']} ({r['backlog_pct']:.1f}%)",
+                str(r["client_errors"]),
+                vs,
+            ]
+        )
+    report.table(
+        "Throughput: acquire+release pairs as fast as the clients can",
+        [
+            "backend",
+            "loop",
+            "W",
+            "pairs/s sent",
+            "pairs/s processed",
+            "requests/s processed",
+            "backlog",
+            "client errors",
+            "processed vs torch",
+        ],
+        table,
+    )
+    return rows
 
 
-def bench_idle(seconds: float, loops: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
+# -- scale ----------------------------------------------------------------------
+
+
+def bench_scale(
+    ks: Sequence[int], idle_seconds: float, has_torch: bool, report: Report
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for k in ks:
+        progress(f"scale: aiotimer, K={k:,}")
+        rows.append(
+            {
+                "scenario": "scale",
+                "backend": "aiotimer",
+                "k": k,
+                **asyncio.run(scale.aiotimer_scale(k, idle_seconds)),
+            }
+        )
+        if has_torch:
+            progress(f"scale: torch LocalTimerServer, K={k:,}")
+            rows.append(
+                {"scenario": "scale", "backend": "torch-local", "k": k, **scale.torch_scale(k)}
+            )
+    table = [
+        [
+            r["backend"],
+            f"{r['k']:,}",
+            fmt(r["add_us"]),
+            fmt(r["release_us"]),
+            fmt(r["expiry_pass_us"]),
+            fmt(r.get("idle_cpu_ms_per_s", math.nan), 3),
+            fmt(r.get("idle_wakeups_per_s", math.nan)),
+            fmt(r["bytes_per_timer"], 0),
+        ]
+        for r in rows
+    ]
+    report.table(
+        "Scale: K active timers (costs in microseconds; an expiry pass = one timer due among K)",
+        [
+            "backend",
+            "K",
+            "add us",
+            "release us",
+            "expiry pass us",
+            "idle CPU ms/s",
+            "idle wakeups/s",
+            "bytes/timer",
+        ],
+        table,
+    )
+    return rows
+
+
+# -- idle -------------------------------------------------------------------------
+
+
+def bench_idle(
+    seconds: float, loops: dict[str, Any], has_torch: bool, torch_defaults: bool, report: Report
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for loop_name, factory in loops.items():
         progress(f"idle: aiotimer on {loop_name}, {seconds:g} s")
-        result = run_on(factory, idle.aiotimer_idle(seconds))
-        rows.append({"scenario": "idle", "backend": "aiotimer", "loop": loop_name, **result})
+        rows.append(
+            {
+                "scenario": "idle",
+                "backend": "aiotimer",
+                "loop": loop_name,
+                **run_on(factory, idle.aiotimer_idle(seconds)),
+            }
+        )
+    if has_torch:
+        settings = [("file", 0.01), ("local", 0.01)]
+        if torch_defaults:
+            settings += [("file", 10.0), ("local", 60.0)]
+        for kind, interval in settings:
+            progress(f"idle: torch-{kind}@{interval:g}, {seconds:g} s")
+            rows.append(
+                {
+                    "scenario": "idle",
+                    "backend": f"torch-{kind}@{interval:g}",
+                    "loop": "-",
+                    **idle.torch_idle(kind, interval, seconds),
+                }
+            )
+    report.table(
+        "Idle: 100 timers due in an hour, no traffic",
+        ["backend", "loop", "wakeups/s", "CPU ms/s"],
+        [
+            [r["backend"], r["loop"], fmt(r["wakeups_per_s"]), fmt(r["cpu_ms_per_s"], 3)]
+            for r in rows
+        ],
+    )
     return rows
 
 
-def print_idle(rows: list[dict[str, Any]]) -> None:
-    print("\nIdle: 100 timers due in an hour, no traffic")
-    print(f"{'backend':<16}{'loop':<9}{'wakeups/s':>10}{'CPU ms/s':>10}")
-    for r in rows:
-        print(f"{r['backend']:<16}{r['loop']:<9}{r['wakeups_per_s']:>10.2f}{r['cpu_ms_per_s']:>10.3f}")
+# -- client cost ------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--workers", default="1,64", help="comma-separated N for kill latency")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per kill measurement")
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (< 1 minute)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument(
-        "--scenarios", default="kill,idle", help="comma-separated: kill, idle"
+def bench_client(calls: int, has_torch: bool, report: Report) -> list[dict[str, Any]]:
+    progress("client cost: aiotimer")
+    ours = client.aiotimer_client(calls)
+    theirs: dict[str, float] = {}
+    if has_torch:
+        progress("client cost: torch")
+        theirs = client.torch_client(calls)
+    rows = [
+        {"scenario": "client", "backend": "aiotimer", "call": k, "us_per_call": v}
+        for k, v in ours.items()
+    ]
+    rows += [
+        {"scenario": "client", "backend": "torch", "call": k, "us_per_call": v}
+        for k, v in theirs.items()
+    ]
+    best = ours.get("expires(scope=...)", math.nan)
+    report.table(
+        "Client cost: one enter+exit of a deadline block, microseconds",
+        ["backend", "call", "us per call", "vs aiotimer expires(scope=...)"],
+        [
+            [r["backend"], r["call"], fmt(r["us_per_call"]), ratio(best, r["us_per_call"])]
+            for r in rows
+        ],
     )
+    return rows
+
+
+# -- chart --------------------------------------------------------------------------
+
+
+def chart(rows: list[dict[str, Any]], path: Path, machine: str) -> bool:
+    """Kill-latency distributions and throughput per backend, as one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        progress("matplotlib is not installed: no chart (pip install -e '.[bench]')")
+        return False
+    kills = [r for r in rows if r["scenario"] == "kill" and r["kill_samples_ms"]]
+    tput = [r for r in rows if r["scenario"] == "throughput"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    if kills:
+        n_max = max(r["workers"] for r in kills)
+        sel = [r for r in kills if r["workers"] == n_max]
+        labels = [f"{r['backend']}" + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
+        axes[0].boxplot(
+            [r["kill_samples_ms"] for r in sel], orientation="horizontal", showfliers=True
+        )
+        axes[0].set_yticks(range(1, len(sel) + 1), labels)
+        axes[0].set_xscale("log")
+        axes[0].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axes[0].set_xlabel(f"deadline -> death, ms (N={n_max} hung workers; log scale)")
+        axes[0].set_title("Kill latency")
+    if tput:
+        w_max = max(r["workers"] for r in tput)
+        sel = [r for r in tput if r["workers"] == w_max]
+        labels = [f"{r['backend']}" + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
+        y = range(len(sel))
+        axes[1].barh(
+            [i + 0.2 for i in y], [r["pairs_sent_per_s"] for r in sel], 0.4, label="pairs/s sent"
+        )
+        axes[1].barh(
+            [i - 0.2 for i in y],
+            [r["requests_processed_per_s"] / 2 for r in sel],
+            0.4,
+            label="pairs/s processed",
+        )
+        axes[1].set_yticks(list(y), labels)
+        axes[1].set_xlabel(f"acquire+release pairs per second (W={w_max} workers)")
+        axes[1].set_title("Throughput")
+        axes[1].legend()
+    fig.suptitle(f"aiotimer vs torch.distributed.elastic.timer — {machine}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def machine_line() -> str:
+    """What the figures were measured on."""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return (
+        f"{os.cpu_count()} x {model}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def ints(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]."""
+    return [int(float(x)) for x in text.split(",") if x]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks; see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="every figure, small sizes (< 1 min)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    parser.add_argument("--workers", type=ints, default=[1, 16, 64], help="kill: N hung workers")
+    parser.add_argument("--reps", type=int, default=3, help="kill: repetitions per N")
+    parser.add_argument("--throughput-workers", type=ints, default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=3.0, help="throughput: window")
+    parser.add_argument("--scale", type=ints, default=[1000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--calls", type=int, default=20_000, help="client: calls per figure")
+    parser.add_argument(
+        "--no-torch-defaults",
+        action="store_true",
+        help="skip torch at its default max_interval (slow: seconds per run)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="where latest.json and latest.md go",
+    )
+    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmark.png")
     args = parser.parse_args(argv)
-    workers = [int(x) for x in args.workers.split(",")]
-    reps, idle_seconds = args.reps, args.idle_seconds
+    torch_defaults = not args.no_torch_defaults
     if args.quick:
-        workers, reps, idle_seconds = [1, 8], 1, 1.0
+        args.workers, args.reps, args.throughput_workers = [2], 1, [2]
+        args.seconds, args.scale, args.idle_seconds, args.calls = 0.5, [1000, 10_000], 0.5, 2000
+        torch_defaults = False
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     scenarios = set(args.scenarios.split(","))
+    has_torch = importlib.util.find_spec("torch") is not None
+    if not has_torch:
+        progress("torch is not installed: torch rows are skipped (pip install torch==2.13.0)")
     loops = loop_factories()
-    machine = f"{platform.node()} {platform.machine()} {platform.python_implementation()} "
-    machine += f"{platform.python_version()}, {__import__('os').cpu_count()} cpus"
-    results: dict[str, Any] = {"machine": machine, "started": time.time(), "rows": []}
-    print(f"aiotimer benchmarks on {machine}")
+    machine = machine_line()
+    print(f"aiotimer benchmarks on {machine}{' (quick)' if args.quick else ''}")
+    report = Report()
+    started = time.time()
+    rows: list[dict[str, Any]] = []
     if "kill" in scenarios:
-        rows = bench_kill(workers, reps, loops)
-        results["rows"] += rows
-        print_kill(rows)
+        rows += bench_kill(args.workers, args.reps, loops, has_torch, torch_defaults, report)
+    if "throughput" in scenarios:
+        rows += bench_throughput(args.throughput_workers, args.seconds, loops, has_torch, report)
+    if "scale" in scenarios:
+        rows += bench_scale(args.scale, min(args.idle_seconds, 1.0), has_torch, report)
     if "idle" in scenarios:
-        rows = bench_idle(idle_seconds, loops)
-        results["rows"] += rows
-        print_idle(rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nresults written to {args.json}")
+        rows += bench_idle(args.idle_seconds, loops, has_torch, torch_defaults, report)
+    if "client" in scenarios:
+        rows += bench_client(args.calls, has_torch, report)
+    elapsed = time.time() - started
+    command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "machine": machine,
+        "command": command.strip(),
+        "started": started,
+        "seconds": elapsed,
+        "quick": args.quick,
+        "rows": rows,
+    }
+    (args.out / "latest.json").write_text(json.dumps(results, indent=1))
+    header = f"Measured on {machine} with `{command.strip()}` ({elapsed:.0f} s)."
+    (args.out / "latest.md").write_text(report.markdown(header))
+    drew = chart(rows, args.chart, machine)
+    print(
+        f"\n{elapsed:.0f} s; results in {args.out / 'latest.json'} and {args.out / 'latest.md'}"
+        + (f"; chart in {args.chart}" if drew else "")
+    )
     return 0
 
 

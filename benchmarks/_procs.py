@@ -9,6 +9,7 @@ from pathlib import Path
 
 WORKER = str(Path(__file__).with_name("_worker.py"))
 OBSERVER = str(Path(__file__).with_name("_observer.py"))
+TORCH_HOST = str(Path(__file__).with_name("_torchhost.py"))
 ROOT = str(Path(__file__).resolve().parent.parent)
 # Python start-up of 64 workers on two shared cores takes seconds; allow plenty.
 STARTUP_TIMEOUT = 120.0

@@ -12,8 +12,30 @@ import sys
 import time
 
 
+def pump(seconds: float) -> None:
+    """Run acquire+release pairs through ``aiotimer.expires`` for ``seconds``; report totals."""
+    import aiotimer
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    end = time.monotonic() + seconds
+    pairs = errors = 0
+    while time.monotonic() < end:
+        for _ in range(100):  # check the clock every 100 pairs
+            try:
+                with aiotimer.expires(after=60, scope="s"):
+                    pass
+                pairs += 1
+            except OSError:
+                errors += 1
+    print(f"pumped {pairs} {errors}", flush=True)
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "pump":
+        pump(float(sys.argv[2]))
+        return
     if mode == "aiotimer":
         import aiotimer
     print("ready", flush=True)

@@ -1,9 +1,14 @@
-"""Kill latency: N workers arm a timer due 0.5 s ahead and hang; how soon does each die?
+"""Kill latency: N workers arm a timer due shortly and hang; how soon does each die?
 
-Reports, per backend, deadline -> death (p50/p99/max), the server's decision
-latency (deadline -> signal sent) where the backend reports it, and how many
-were never killed; the floor is the same workers killed directly by the harness
-through pidfds at the deadline.
+Reports, per backend, deadline -> death (observed through pidfds by a separate
+process), the server's decision latency (deadline -> signal sent) where the
+backend reports it, and how many were never killed.  The floor is the same kind
+of workers killed directly by the harness through pidfds at the deadline.
+
+Workers come in two kinds with their own floors: ``plain`` (a fresh Python
+process per worker: aiotimer's spawned pipe workers) and ``torch`` (forked from
+one process that imported torch, as real trainers have it imported; torch's
+servers and aiotimer's FIFO listener serve torch's own clients in these).
 """
 
 from __future__ import annotations
@@ -11,19 +16,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiotimer import TimerServer
 from aiotimer._events import KILL_WORKER_PROCESS
+from aiotimer.transports import listen_fifo
 
-from ._procs import DeathWatch, expect_line, python_worker_argv, worker_env
+from ._procs import TORCH_HOST, DeathWatch, expect_line, python_worker_argv, worker_env
 
 #: How far ahead of "all armed" the common deadline lies.
 LEAD = 0.5
-#: How long after the deadline a worker may take to die before it counts as missed.
-MISS_AFTER = 15.0
+#: How long after the deadline (plus a torch server's max_interval) a worker may
+#: take to die before it counts as missed.
+MISS_AFTER = 10.0
 
 
 @dataclass
@@ -35,91 +44,207 @@ class KillRun:
     missed: int = 0
 
 
-async def _start(spawn, n: int):  # type: ignore[no-untyped-def]
+def _kill_at(deadline: float, pidfds: list[int], decisions: list[float]) -> None:
+    """Have the loop SIGKILL every pidfd at ``deadline`` (never before it)."""
+    loop = asyncio.get_running_loop()
+
+    def kill_all() -> None:
+        if time.monotonic() < deadline:  # the loop may fire a little early
+            loop.call_soon(kill_all)
+            return
+        for fd in pidfds:  # timed per signal, as the servers' decisions are
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            decisions.append(time.monotonic() - deadline)
+
+    loop.call_later(max(0.0, deadline - time.monotonic() - 0.001), kill_all)
+
+
+# -- plain workers ---------------------------------------------------------------
+
+
+async def _plain(n: int, spawn: Callable[[], Awaitable[object]], floor: bool) -> KillRun:
     procs = [await spawn() for _ in range(n)]
-    await asyncio.gather(*(expect_line(p.stdout, b"ready") for p in procs))
-    return procs
-
-
-async def _arm(procs, deadline: float) -> None:  # type: ignore[no-untyped-def]
+    await asyncio.gather(*(expect_line(p.stdout, b"ready") for p in procs))  # type: ignore[attr-defined]
+    pids = [p.pid for p in procs]  # type: ignore[attr-defined]
+    watch = DeathWatch()
+    await watch.start(pids)
+    deadline = time.monotonic() + LEAD
     for p in procs:
-        p.stdin.write(f"{deadline!r}\n".encode())
-    await asyncio.gather(*(p.stdin.drain() for p in procs))
-    await asyncio.gather(*(expect_line(p.stdout, b"armed") for p in procs))
-    if time.monotonic() >= deadline:
-        raise RuntimeError("workers armed after the deadline: raise LEAD")
-
-
-async def _collect(watch: DeathWatch, pids: list[int], deadline: float) -> KillRun:
+        p.stdin.write(f"{deadline!r}\n".encode())  # type: ignore[attr-defined]
+    await asyncio.gather(*(expect_line(p.stdout, b"armed") for p in procs))  # type: ignore[attr-defined]
+    assert time.monotonic() < deadline, "workers armed after the deadline: raise LEAD"
     run = KillRun()
+    pidfds = [os.pidfd_open(pid) for pid in pids] if floor else []
+    if floor:
+        _kill_at(deadline, pidfds, run.decision)
     run.missed = len(await watch.wait_all(LEAD + MISS_AFTER))
     run.kill = [watch.deaths[pid] - deadline for pid in pids if pid in watch.deaths]
+    for fd in pidfds:
+        os.close(fd)
+    for p in procs:
+        if p.returncode is None:  # type: ignore[attr-defined]
+            p.kill()  # type: ignore[attr-defined]
+        await p.wait()  # type: ignore[attr-defined]
     return run
 
 
-async def floor(n: int) -> KillRun:
-    """The same workers killed directly by the harness at the deadline, through pidfds."""
+async def floor_plain(n: int) -> KillRun:
+    """Plain workers killed directly by the harness."""
     pipe = asyncio.subprocess.PIPE
     argv = python_worker_argv("none")
 
-    async def spawn():  # type: ignore[no-untyped-def]
+    async def spawn() -> object:
         return await asyncio.create_subprocess_exec(
             *argv, stdin=pipe, stdout=pipe, env=worker_env()
         )
 
-    procs = await _start(spawn, n)
-    watch = DeathWatch()
-    pidfds = [os.pidfd_open(p.pid) for p in procs]
-    await watch.start([p.pid for p in procs])
-    deadline = time.monotonic() + LEAD
-    await _arm(procs, deadline)
-    loop = asyncio.get_running_loop()
-    run_decision: list[float] = []
-
-    def kill_all() -> None:
-        now = time.monotonic()
-        if now < deadline:  # the loop may fire a little early; never kill early
-            loop.call_soon(kill_all)
-            return
-        # Timed per signal, as the servers' decision latency is.
-        for fd in pidfds:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            run_decision.append(time.monotonic() - deadline)
-
-    loop.call_later(max(0.0, deadline - time.monotonic() - 0.001), kill_all)
-    run = await _collect(watch, [p.pid for p in procs], deadline)
-    for fd in pidfds:
-        os.close(fd)
-    await asyncio.gather(*(p.wait() for p in procs))
-    run.decision = run_decision
-    return run
+    return await _plain(n, spawn, floor=True)
 
 
-async def aiotimer_pipe(n: int) -> KillRun:
-    """aiotimer's TimerServer in this loop, workers spawned over pipes."""
-    decisions: list[float] = []
-
+def _decisions_into(run_decisions: list[float]) -> Callable[[str, Mapping[str, object]], None]:
     def on_event(name: str, info: Mapping[str, object]) -> None:
         latency = info.get("latency")
         if name == KILL_WORKER_PROCESS and isinstance(latency, float):
-            decisions.append(latency)
+            run_decisions.append(latency)
 
+    return on_event
+
+
+async def aiotimer_pipe(n: int) -> KillRun:
+    """aiotimer's TimerServer in this loop; plain workers it spawned, over pipes."""
+    decisions: list[float] = []
     pipe = asyncio.subprocess.PIPE
-    async with TimerServer(log_event=on_event) as server:
+    async with TimerServer(log_event=_decisions_into(decisions)) as server:
         argv = python_worker_argv("aiotimer")
 
-        async def spawn():  # type: ignore[no-untyped-def]
+        async def spawn() -> object:
             return await server.spawn(*argv, stdin=pipe, stdout=pipe, env=worker_env())
 
-        workers = await _start(spawn, n)
-        watch = DeathWatch()
-        await watch.start([w.pid for w in workers])
-        deadline = time.monotonic() + LEAD
-        await _arm(workers, deadline)
-        run = await _collect(watch, [w.pid for w in workers], deadline)
-        run.decision = decisions
+        run = await _plain(n, spawn, floor=False)
+    run.decision = decisions
     return run
 
 
-#: backend name -> coroutine function measuring one repetition at N workers
-BACKENDS = {"floor": floor, "aiotimer-pipe": aiotimer_pipe}
+# -- torch workers -----------------------------------------------------------------
+
+
+async def _torch(
+    n: int, mode: str, *, fifo: str = "", max_interval: float = 0.01, floor: bool = False
+) -> KillRun:
+    pipe = asyncio.subprocess.PIPE
+    host = await asyncio.create_subprocess_exec(
+        sys.executable,
+        TORCH_HOST,
+        mode,
+        fifo,
+        repr(max_interval),
+        stdin=pipe,
+        stdout=pipe,
+        env=worker_env(),
+    )
+    assert host.stdin is not None and host.stdout is not None
+    run = KillRun()
+    try:
+        await expect_line(host.stdout, b"ready")
+        host.stdin.write(f"kill {n}\n".encode())
+        pids = [int(p) for p in (await host.stdout.readline()).split()]
+        watch = DeathWatch()
+        await watch.start(pids)
+        deadline = time.monotonic() + LEAD
+        wall_deadline = deadline - time.monotonic() + time.time()
+        host.stdin.write(f"{deadline!r}\n".encode())
+        for _ in range(n):
+            await expect_line(host.stdout, b"armed")
+        assert time.monotonic() < deadline, "workers armed after the deadline: raise LEAD"
+        pidfds = [os.pidfd_open(pid) for pid in pids] if floor else []
+        if floor:
+            _kill_at(deadline, pidfds, run.decision)
+        run.missed = len(await watch.wait_all(LEAD + max_interval + MISS_AFTER))
+        run.kill = [watch.deaths[pid] - deadline for pid in pids if pid in watch.deaths]
+        for fd in pidfds:
+            os.close(fd)
+        for pid in pids:  # whatever was never killed
+            if pid not in watch.deaths:
+                os.kill(pid, signal.SIGKILL)
+        if host.returncode is None:
+            host.stdin.write(b"quit\n")
+        host.stdin.close()
+        rest = await asyncio.wait_for(host.stdout.read(), 30)
+        for line in rest.decode().splitlines():
+            if line.startswith("decision "):
+                run.decision.append(float(line.split()[1]) - wall_deadline)
+    finally:
+        if host.returncode is None:
+            try:
+                await asyncio.wait_for(host.wait(), 10)
+            except TimeoutError:
+                host.kill()
+                await host.wait()
+    return run
+
+
+async def floor_torch(n: int) -> KillRun:
+    """Torch workers killed directly by the harness."""
+    return await _torch(n, "none", floor=True)
+
+
+async def aiotimer_fifo(n: int) -> KillRun:
+    """aiotimer's TimerServer in this loop serving torch's own FileTimerClient on a FIFO."""
+    decisions: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fifo = os.path.join(tmp, "timer.fifo")
+        async with TimerServer(log_event=_decisions_into(decisions)) as server:
+            await listen_fifo(server, fifo)
+            run = await _torch(n, "client-file", fifo=fifo)
+    run.decision = decisions
+    return run
+
+
+def torch_file(max_interval: float) -> Callable[[int], Awaitable[KillRun]]:
+    """torch's FileTimerServer (in a host process it will kill) at ``max_interval``."""
+
+    async def measure(n: int) -> KillRun:
+        with tempfile.TemporaryDirectory() as tmp:
+            fifo = os.path.join(tmp, "timer.fifo")
+            return await _torch(n, "host-file", fifo=fifo, max_interval=max_interval)
+
+    return measure
+
+
+def torch_local(max_interval: float) -> Callable[[int], Awaitable[KillRun]]:
+    """torch's LocalTimerServer (in a host process) at ``max_interval``."""
+
+    async def measure(n: int) -> KillRun:
+        return await _torch(n, "host-local", max_interval=max_interval)
+
+    return measure
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A kill-latency backend: how to measure it, its worker kind, and its loops."""
+
+    name: str
+    measure: Callable[[int], Awaitable[KillRun]]
+    kind: str  # "plain" or "torch": which floor it is compared with
+    is_floor: bool = False
+    on_every_loop: bool = False  # aiotimer rows run on each loop; the rest once
+    needs_torch: bool = False
+
+
+def backends(torch_defaults: bool) -> list[Backend]:
+    """Every kill-latency backend; torch's defaults only when asked for (they take seconds)."""
+    rows = [
+        Backend("floor (plain)", floor_plain, "plain", is_floor=True),
+        Backend("aiotimer-pipe", aiotimer_pipe, "plain", on_every_loop=True),
+        Backend("floor (torch)", floor_torch, "torch", is_floor=True, needs_torch=True),
+        Backend("aiotimer-fifo", aiotimer_fifo, "torch", on_every_loop=True, needs_torch=True),
+        Backend("torch-file@0.01", torch_file(0.01), "torch", needs_torch=True),
+        Backend("torch-local@0.01", torch_local(0.01), "torch", needs_torch=True),
+    ]
+    if torch_defaults:
+        rows += [
+            Backend("torch-file@10", torch_file(10.0), "torch", needs_torch=True),
+            Backend("torch-local@60", torch_local(60.0), "torch", needs_torch=True),
+        ]
+    return rows

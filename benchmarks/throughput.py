@@ -1,0 +1,160 @@
+"""Throughput: W workers run acquire+release pairs as fast as they can for a few seconds.
+
+Reports pairs/s the clients sent, requests/s the server actually processed in
+that window, the backlog left unprocessed when the clients stopped, and client
+errors.  A server that accepts requests it cannot process is not fast: the
+processed rate and the backlog count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiotimer import TimerServer
+from aiotimer.transports import listen_fifo
+
+from ._procs import TORCH_HOST, expect_line, python_worker_argv, worker_env
+
+
+@dataclass
+class Throughput:
+    """One measurement."""
+
+    seconds: float
+    pairs: int
+    errors: int
+    processed: int  # requests the server applied by the time the clients stopped
+
+    @property
+    def sent_pairs_per_s(self) -> float:
+        """Acquire+release pairs per second the clients completed."""
+        return self.pairs / self.seconds
+
+    @property
+    def processed_per_s(self) -> float:
+        """Requests per second the server applied."""
+        return self.processed / self.seconds
+
+    @property
+    def backlog(self) -> int:
+        """Requests sent but not yet applied when the clients stopped."""
+        return max(0, 2 * self.pairs - self.processed)
+
+
+async def aiotimer_pipe(workers: int, seconds: float) -> Throughput:
+    """aiotimer over pipes: W spawned workers using ``aiotimer.expires``."""
+    pipe = asyncio.subprocess.PIPE
+    async with TimerServer() as server:
+        procs = [
+            await server.spawn(
+                *python_worker_argv("pump", repr(seconds)),
+                stdin=pipe,
+                stdout=pipe,
+                env=worker_env(),
+            )
+            for _ in range(workers)
+        ]
+        await asyncio.gather(*(expect_line(p.stdout, b"ready") for p in procs))
+        base = server.statistics().requests
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+        pairs = errors = 0
+        processed = 0
+        for p in procs:
+            assert p.stdout is not None
+            line = await asyncio.wait_for(p.stdout.readline(), seconds + 60)
+            if not processed:  # the first to finish: the window has closed
+                processed = server.statistics().requests - base - workers  # less the hellos
+            _, n, e = line.split()
+            pairs += int(n)
+            errors += int(e)
+        for p in procs:
+            await p.wait()
+    return Throughput(seconds, pairs, errors, processed)
+
+
+async def _torch_host(
+    workers: int,
+    seconds: float,
+    mode: str,
+    fifo: str = "",
+    max_interval: float = 0.01,
+    processed: Callable[[], int] | None = None,
+) -> Throughput:
+    pipe = asyncio.subprocess.PIPE
+    host = await asyncio.create_subprocess_exec(
+        sys.executable,
+        TORCH_HOST,
+        mode,
+        fifo,
+        repr(max_interval),
+        stdin=pipe,
+        stdout=pipe,
+        env=worker_env(),
+    )
+    assert host.stdin is not None and host.stdout is not None
+    await expect_line(host.stdout, b"ready")
+    base = processed() if processed else 0
+    host.stdin.write(f"pump {workers} {seconds!r}\n".encode())
+    line = (await asyncio.wait_for(host.stdout.readline(), seconds + 120)).decode().split()
+    done = processed() - base if processed else 0
+    pairs, errors = int(line[1]), int(line[2])
+    line = (await asyncio.wait_for(host.stdout.readline(), 60)).decode().split()
+    if processed is None:
+        done = int(line[1])  # what the hosted torch server registered
+    host.stdin.write(b"quit\n")
+    host.stdin.close()
+    await host.wait()
+    return Throughput(seconds, pairs, errors, done)
+
+
+async def aiotimer_fifo(workers: int, seconds: float) -> Throughput:
+    """aiotimer's FIFO listener serving torch's own FileTimerClient."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fifo = os.path.join(tmp, "timer.fifo")
+        async with TimerServer() as server:
+            await listen_fifo(server, fifo)
+
+            def processed() -> int:
+                stats = server.statistics()
+                return stats.requests
+
+            return await _torch_host(workers, seconds, "client-file", fifo, processed=processed)
+
+
+def torch_file(max_interval: float) -> Callable[[int, float], Awaitable[Throughput]]:
+    """torch's FileTimerServer at ``max_interval``."""
+
+    async def measure(workers: int, seconds: float) -> Throughput:
+        with tempfile.TemporaryDirectory() as tmp:
+            fifo = os.path.join(tmp, "timer.fifo")
+            return await _torch_host(workers, seconds, "host-file", fifo, max_interval)
+
+    return measure
+
+
+def torch_local(max_interval: float) -> Callable[[int, float], Awaitable[Throughput]]:
+    """torch's LocalTimerServer at ``max_interval``."""
+
+    async def measure(workers: int, seconds: float) -> Throughput:
+        return await _torch_host(workers, seconds, "host-local", max_interval=max_interval)
+
+    return measure
+
+
+#: name -> (measure, runs on every loop, needs torch)
+BACKENDS: dict[str, tuple[Callable[[int, float], Awaitable[Throughput]], bool, bool]] = {
+    "aiotimer-pipe": (aiotimer_pipe, True, False),
+    "aiotimer-fifo": (aiotimer_fifo, True, True),
+    "torch-file@0.01": (torch_file(0.01), False, True),
+    "torch-local@0.01": (torch_local(0.01), False, True),
+}
+
+_ = time  # keep the import for readers timing by hand
