@@ -209,6 +209,8 @@ class TimerServer:
     def add_listener(self, listener: Any) -> None:
         """Register a transport listener to be ``aclose()``-d with the server."""
         self._listeners.append(listener)
+        if isinstance(listener, Channel):
+            self._channels.add(listener)
 
     def local_channel(
         self,
@@ -287,8 +289,12 @@ class TimerServer:
         self._by_id[process.id] = process
 
     def _process_exited(self, process: WatchedProcess) -> None:
-        if self._processes.get(process.pid) is process:
-            del self._processes[process.pid]
+        pid = process.pid
+        if self._processes.get(pid) is process:
+            del self._processes[pid]
+        for channel in self._channels:  # forget it in the channels' entitlement caches
+            if channel.processes.get(pid) is process:
+                del channel.processes[pid]
         self._by_id.pop(process.id, None)
         cleared = self._heap.remove_owner(process.id)
         process.requested_signals.clear()

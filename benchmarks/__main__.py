@@ -432,38 +432,37 @@ def chart(rows: list[dict[str, Any]], path: Path, machine: str) -> bool:
         return False
     kills = [r for r in rows if r["scenario"] == "kill" and r["kill_samples_ms"]]
     tput = [r for r in rows if r["scenario"] == "throughput"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
-    if kills:
-        n_max = max(r["workers"] for r in kills)
-        sel = [r for r in kills if r["workers"] == n_max]
-        labels = [f"{r['backend']}" + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
-        axes[0].boxplot(
-            [r["kill_samples_ms"] for r in sel], orientation="horizontal", showfliers=True
-        )
-        axes[0].set_yticks(range(1, len(sel) + 1), labels)
-        axes[0].set_xscale("log")
-        axes[0].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axes[0].set_xlabel(f"deadline -> death, ms (N={n_max} hung workers; log scale)")
-        axes[0].set_title("Kill latency")
+    sizes = sorted({r["workers"] for r in kills})
+    panels = [n for n in (sizes[:1] + sizes[-1:]) if n] if sizes else []
+    panels = list(dict.fromkeys(panels))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(7 * (len(panels) + 1), 6))
+    for ax, n in zip(axes, panels, strict=False):
+        sel = [r for r in kills if r["workers"] == n]
+        labels = [r["backend"] + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
+        ax.boxplot([r["kill_samples_ms"] for r in sel], orientation="horizontal")
+        ax.set_yticks(range(1, len(sel) + 1), labels)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("deadline -> death, ms (log scale)")
+        ax.set_title(f"Kill latency, {n} hung worker{'s' if n > 1 else ''}")
+    ax = axes[-1]
     if tput:
         w_max = max(r["workers"] for r in tput)
         sel = [r for r in tput if r["workers"] == w_max]
-        labels = [f"{r['backend']}" + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
+        labels = [r["backend"] + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
         y = range(len(sel))
-        axes[1].barh(
-            [i + 0.2 for i in y], [r["pairs_sent_per_s"] for r in sel], 0.4, label="pairs/s sent"
-        )
-        axes[1].barh(
+        ax.barh([i + 0.2 for i in y], [r["pairs_sent_per_s"] for r in sel], 0.4, label="sent")
+        ax.barh(
             [i - 0.2 for i in y],
             [r["requests_processed_per_s"] / 2 for r in sel],
             0.4,
-            label="pairs/s processed",
+            label="processed",
         )
-        axes[1].set_yticks(list(y), labels)
-        axes[1].set_xlabel(f"acquire+release pairs per second (W={w_max} workers)")
-        axes[1].set_title("Throughput")
-        axes[1].legend()
+        ax.set_yticks(list(y), labels)
+        ax.set_xlabel(f"acquire+release pairs per second ({w_max} workers)")
+        ax.set_title("Throughput")
+        ax.legend()
     fig.suptitle(f"aiotimer vs torch.distributed.elastic.timer — {machine}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -521,7 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where latest.json and latest.md go",
     )
     parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmark.png")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the chart from --out's latest.json"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "latest.json").read_text())
+        return 0 if chart(saved["rows"], args.chart, saved["machine"]) else 1
     torch_defaults = not args.no_torch_defaults
     if args.quick:
         args.workers, args.reps, args.throughput_workers = [2], 1, [2]

@@ -179,4 +179,6 @@ for line in sys.stdin:
     elif cmd == "quit":
         break
 if server is not None and MODE == "host-local":
-    server.stop()
+    server._stop_signaled = True
+    if MAX_INTERVAL <= 1:  # stop() joins for up to max_interval: a minute at torch's default
+        server.stop()

@@ -1,9 +1,9 @@
 """A benchmark worker: arms one timer at the deadline the harness sends, then hangs.
 
-argv[1] is the mode: ``aiotimer`` (pipe client), ``none`` (the floor: no timer),
-``torch-file PATH`` or ``torch-local`` (torch clients; used by the torch backends).
-The harness writes the absolute CLOCK_MONOTONIC deadline (or wall-clock, for
-torch) on stdin; the worker arms its timer, prints ``armed`` and hangs.
+argv[1] is the mode: ``aiotimer`` (pipe client), ``none`` (the floor: no timer) or
+``pump SECONDS`` (throughput).  The harness writes the absolute CLOCK_MONOTONIC
+deadline on stdin; the worker arms its timer, prints ``armed`` and hangs.  Workers
+with torch's clients come from ``_torchhost.py``.
 """
 
 from __future__ import annotations
@@ -36,16 +36,14 @@ def main() -> None:
     if mode == "pump":
         pump(float(sys.argv[2]))
         return
-    if mode == "aiotimer":
-        import aiotimer
+    # Every plain worker imports aiotimer, timer or not: the floor's workers must be
+    # the same processes (the same memory to tear down) as the measured ones.
+    import aiotimer
+
     print("ready", flush=True)
     deadline = float(sys.stdin.readline())
     if mode == "aiotimer":
         aiotimer.get_client().acquire("hang", deadline)
-    elif mode == "torch-file":
-        from torch.distributed.elastic.timer import FileTimerClient
-
-        FileTimerClient(sys.argv[2]).acquire("hang", deadline)
     print("armed", flush=True)
     while True:
         time.sleep(3600)
