@@ -12,6 +12,7 @@ __all__ = [
     "open_pidfd",
     "parent_pid",
     "pidfd_alive",
+    "pidfd_no_wakeup_preemption",
     "pidfd_signal",
     "process_uid",
 ]
@@ -62,6 +63,23 @@ def pidfd_signal(pidfd: int, pid: int, sig: int, *, group: bool = False) -> None
         os.killpg(os.getpgid(pid), sig)
     except ProcessLookupError:
         raise ProcessGone(f"process {pid} has exited") from None
+
+
+def pidfd_no_wakeup_preemption(pidfd: int, pid: int) -> bool:
+    """Move the process behind ``pidfd`` to SCHED_BATCH; whether that worked.
+
+    A SCHED_BATCH task keeps its share of the CPU but, when woken, does not
+    preempt the running one.  Before a burst of kills this keeps the first
+    victims' exits from preempting the process that is signalling the rest.
+    Unprivileged, and harmless to a process about to die.
+    """
+    if not pidfd_alive(pidfd):
+        return False
+    try:
+        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -88,6 +88,13 @@ class Expiry:
         self._on_signal(self, sig)
         return True
 
+    def no_wakeup_preemption(self) -> bool:
+        """Keep this process, once signalled, from preempting the server (SCHED_BATCH).
+
+        For a process about to be killed; see ``SignalReaper.prepare``.
+        """
+        return self._process.no_wakeup_preemption()
+
     def dump_stacks(self) -> bool:
         """Ask the process to print its stacks (``dump_signal``); ``False`` if it cannot.
 
@@ -146,6 +153,18 @@ class SignalReaper:
             f"SignalReaper({self.signal.name}, grace={self.grace}, "
             f"process_group={self.process_group}, dump_stacks={self.dump_stacks})"
         )
+
+    def prepare(self, expiry: Expiry) -> None:
+        """Called for every process of a burst before any is reaped.
+
+        A process about to get SIGKILL is moved to SCHED_BATCH first, so that the
+        kernel tearing down the first victims does not preempt the server while it
+        signals the others (on 2 cores, 64 victims: ~20 ms of signalling becomes
+        ~0.5 ms).  It keeps its share of the CPU, so it still dies promptly.
+        """
+        sig = expiry.requested_signal or self.signal
+        if sig == _signal.SIGKILL and not self.dump_stacks:
+            expiry.no_wakeup_preemption()
 
     def __call__(self, expiry: Expiry) -> Coroutine[Any, Any, None] | None:
         """Reap ``expiry``'s process.

@@ -450,14 +450,18 @@ class TimerServer:
         groups = self._heap.pop_expired(now)
         self._kill_events = []
         try:
-            for owner, timers in groups:
-                self._start_reaping(owner, timers, now)
+            burst = [b for b in (self._claim(o, ts, now) for o, ts in groups) if b is not None]
+            if len(burst) > 1:
+                for reaper, expiry, _ in burst:
+                    self._prepare(reaper, expiry)
+            for reaper, expiry, process in burst:
+                self._start_reaping(reaper, expiry, process)
         finally:
             kill_events, self._kill_events = self._kill_events, None
         counters = self._counters
         for owner, timers in groups:
-            process = self._by_id.get(owner) or self._reaped.get(owner)
-            pid = process.pid if process is not None else None
+            known = self._by_id.get(owner) or self._reaped.get(owner)
+            pid = known.pid if known is not None else None
             for timer in timers:
                 lag = now - timer.deadline
                 counters.expiries += 1
@@ -477,22 +481,38 @@ class TimerServer:
         for expiry, sig, latency in kill_events:
             self._report_kill(expiry, sig, latency)
 
-    def _start_reaping(self, owner: int, timers: list[Timer], now: float) -> None:
+    def _claim(
+        self, owner: int, timers: list[Timer], now: float
+    ) -> tuple[Reaper, Expiry, WatchedProcess] | None:
+        """Decide whether ``owner``'s expiry is to be reaped; if so, mark it reaping."""
         process = self._by_id.get(owner)
         if process is None or process.exited:
-            return
+            return None
         # Remember it for the log lines even if it dies during the burst.
         self._reaped[owner] = process
         requested = self._requested_signal(process, timers)
         if requested is not None and requested <= 0:
             logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
-            return
+            return None
         if process.reaping:
-            return
+            return None
         process.reaping = True
         worker = process.worker
         reaper = worker.reaper if worker is not None and worker.reaper else self._reaper
         expiry = Expiry(process, timers, now, requested_signal=requested, on_signal=self._signalled)
+        return reaper, expiry, process
+
+    @staticmethod
+    def _prepare(reaper: Reaper, expiry: Expiry) -> None:
+        prepare = getattr(reaper, "prepare", None)
+        if prepare is None:
+            return
+        try:
+            prepare(expiry)
+        except Exception:
+            logger.exception("reaper %r failed to prepare pid %d", reaper, expiry.pid)
+
+    def _start_reaping(self, reaper: Reaper, expiry: Expiry, process: WatchedProcess) -> None:
         # The reaper is called right here, not in a new task: a sync reaper (and
         # the first signal of the built-in one) acts before the loop turns.
         # Bookkeeping waits until after it.
@@ -502,10 +522,11 @@ class TimerServer:
         except Exception as exc:
             result, error = None, exc
         # The process is being killed: its other timers go with it.
-        self._heap.remove_owner(owner)
+        self._heap.remove_owner(process.id)
         process.requested_signals.clear()
+        worker = process.worker
         if worker is not None and worker.pid == process.pid:
-            worker.expired_scopes.extend(t.scope for t in timers)
+            worker.expired_scopes.extend(t.scope for t in expiry.timers)
         if error is not None:
             self._reaper_failed(reaper, expiry, 1, error)
             self._spawn_reap(self._reap(reaper, expiry, process, None, 2))

@@ -274,3 +274,48 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
         SignalReaper(grace=-1)
     with pytest.raises(TypeError, match="`clock` must implement"):
         TimerServer(clock=object())  # type: ignore[arg-type]
+
+
+async def test_a_burst_prepares_every_process_before_reaping_any(
+    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Preparing(RecordingReaper):
+        def prepare(self, expiry: Expiry) -> None:
+            calls.append(("prepare", expiry.pid))
+
+        def __call__(self, expiry: Expiry) -> None:
+            calls.append(("reap", expiry.pid))
+            super().__call__(expiry)
+
+    a, b = sleeper().pid, sleeper().pid
+    async with TimerServer(clock=mock_clock, reaper=Preparing()) as server:
+        channel = server.local_channel(pids=[a, b])
+        channel.acquire(a, "s", 1.0)
+        channel.acquire(b, "s", 1.0)
+        await mock_clock.advance(1.0)
+        # A lone expiry needs no preparing.
+        channel.acquire(a, "t", 2.0)
+        await mock_clock.advance(1.0)
+    assert calls == [("prepare", a), ("prepare", b), ("reap", a), ("reap", b), ("reap", a)]
+
+
+async def test_sigkill_victims_of_a_burst_are_moved_to_sched_batch_first(
+    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    policies: dict[int, int] = {}
+
+    class Observing(SignalReaper):
+        def __call__(self, expiry: Expiry):  # type: ignore[no-untyped-def]
+            policies[expiry.pid] = os.sched_getscheduler(expiry.pid)
+            return super().__call__(expiry)
+
+    procs = [sleeper(), sleeper()]
+    async with TimerServer(clock=mock_clock, reaper=Observing()) as server:
+        channel = server.local_channel(pids=[p.pid for p in procs])
+        for p in procs:
+            channel.acquire(p.pid, "s", 1.0)
+        await mock_clock.advance(1.0)
+    assert policies == {p.pid: os.SCHED_BATCH for p in procs}
+    assert [p.wait(timeout=30) for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
