@@ -109,6 +109,15 @@ def ratio(ours: float, theirs: float) -> str:
     return f"{theirs / ours:.1f}x"
 
 
+def versus_torch(
+    backend: str, torch_values: dict[str, float], compare: Callable[[float], str]
+) -> str:
+    """'file@0.01:3.1x local@0.01:2.0x' for an aiotimer row; empty for the others."""
+    if not backend.startswith("aiotimer"):
+        return ""
+    return " ".join(f"{n.replace('torch-', '')}:{compare(v)}" for n, v in torch_values.items())
+
+
 # -- kill latency ---------------------------------------------------------------
 
 
@@ -173,14 +182,8 @@ def bench_kill(
             for t in rows
             if t["backend"].startswith("torch") and t["workers"] == r["workers"]
         }
-        vs_torch = (
-            " ".join(
-                f"{name.split('@')[0].replace('torch-', '')}@{name.split('@')[1]}:"
-                f"{ratio(k['p99'], p99)}"
-                for name, p99 in torch_p99.items()
-            )
-            if r["backend"].startswith("aiotimer")
-            else ""
+        vs_torch = versus_torch(
+            r["backend"], torch_p99, lambda p99, mine=k["p99"]: ratio(mine, p99)
         )
         table.append(
             [
@@ -253,14 +256,8 @@ def bench_throughput(
             for t in rows
             if t["backend"].startswith("torch") and t["workers"] == r["workers"]
         }
-        vs = (
-            " ".join(
-                f"{n.replace('torch-', '')}:{ratio(rate, r['requests_processed_per_s'])}"
-                for n, rate in torch_rates.items()
-            )
-            if r["backend"].startswith("aiotimer")
-            else ""
-        )
+        ours = r["requests_processed_per_s"]
+        vs = versus_torch(r["backend"], torch_rates, lambda rate, mine=ours: ratio(rate, mine))
         table.append(
             [
                 r["backend"],

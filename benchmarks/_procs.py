@@ -67,6 +67,25 @@ class DeathWatch:
         return [pid for pid in self._pids if pid not in self.deaths]
 
 
+async def start_torch_host(
+    mode: str, fifo: str = "", max_interval: float = 0.01
+) -> asyncio.subprocess.Process:
+    """Start ``_torchhost.py`` in ``mode``; returns once it has said ``ready``."""
+    pipe = asyncio.subprocess.PIPE
+    host = await asyncio.create_subprocess_exec(
+        sys.executable,
+        TORCH_HOST,
+        mode,
+        fifo,
+        repr(max_interval),
+        stdin=pipe,
+        stdout=pipe,
+        env=worker_env(),
+    )
+    await expect_line(host.stdout, b"ready")
+    return host
+
+
 async def expect_line(stream: asyncio.StreamReader | None, want: bytes) -> None:
     """Read one line from a worker and check it is ``want``."""
     assert stream is not None

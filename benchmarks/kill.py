@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,7 +25,7 @@ from aiotimer import TimerServer
 from aiotimer._events import KILL_WORKER_PROCESS
 from aiotimer.transports import listen_fifo
 
-from ._procs import TORCH_HOST, DeathWatch, expect_line, python_worker_argv, worker_env
+from ._procs import DeathWatch, expect_line, python_worker_argv, start_torch_host, worker_env
 
 #: How far ahead of "all armed" the common deadline lies.
 LEAD = 0.5
@@ -131,21 +130,10 @@ async def aiotimer_pipe(n: int) -> KillRun:
 async def _torch(
     n: int, mode: str, *, fifo: str = "", max_interval: float = 0.01, floor: bool = False
 ) -> KillRun:
-    pipe = asyncio.subprocess.PIPE
-    host = await asyncio.create_subprocess_exec(
-        sys.executable,
-        TORCH_HOST,
-        mode,
-        fifo,
-        repr(max_interval),
-        stdin=pipe,
-        stdout=pipe,
-        env=worker_env(),
-    )
+    host = await start_torch_host(mode, fifo, max_interval)
     assert host.stdin is not None and host.stdout is not None
     run = KillRun()
     try:
-        await expect_line(host.stdout, b"ready")
         host.stdin.write(f"kill {n}\n".encode())
         pids = [int(p) for p in (await host.stdout.readline()).split()]
         watch = DeathWatch()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from aiotimer import TimerServer
 from aiotimer.transports import listen_fifo
 
-from ._procs import TORCH_HOST, expect_line, python_worker_argv, worker_env
+from ._procs import expect_line, python_worker_argv, start_torch_host, worker_env
 
 
 @dataclass
@@ -88,19 +87,8 @@ async def _torch_host(
     max_interval: float = 0.01,
     processed: Callable[[], int] | None = None,
 ) -> Throughput:
-    pipe = asyncio.subprocess.PIPE
-    host = await asyncio.create_subprocess_exec(
-        sys.executable,
-        TORCH_HOST,
-        mode,
-        fifo,
-        repr(max_interval),
-        stdin=pipe,
-        stdout=pipe,
-        env=worker_env(),
-    )
+    host = await start_torch_host(mode, fifo, max_interval)
     assert host.stdin is not None and host.stdout is not None
-    await expect_line(host.stdout, b"ready")
     base = processed() if processed else 0
     host.stdin.write(f"pump {workers} {seconds!r}\n".encode())
     line = (await asyncio.wait_for(host.stdout.readline(), seconds + 120)).decode().split()

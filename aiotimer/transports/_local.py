@@ -13,7 +13,7 @@ from ._base import Channel
 if TYPE_CHECKING:
     from .._server import TimerServer
 
-__all__ = ["LocalChannel", "default_entitlement"]
+__all__ = ["LocalChannel", "default_entitlement", "foreign_entitlement"]
 
 
 def default_entitlement(pid: int, roots: frozenset[int]) -> str | None:
@@ -27,6 +27,13 @@ def default_entitlement(pid: int, roots: frozenset[int]) -> str | None:
         names = ", ".join(str(r) for r in sorted(roots))
         return f"pid {pid} does not descend from the server or a configured root ({names})"
     return None
+
+
+def foreign_entitlement(pid: int, roots: frozenset[int]) -> str | None:
+    """For requests from other processes (FIFO, queue): as above, and never the server."""
+    if pid == os.getpid():
+        return f"pid {pid} is the timer server itself"
+    return default_entitlement(pid, roots)
 
 
 class LocalChannel(Channel):

@@ -30,7 +30,7 @@ from .._events import logger
 from .._exceptions import ProtocolError
 from .._protocol import JSON_LINE_MAX, Request, decode_json_line
 from ._base import Channel
-from ._local import default_entitlement
+from ._local import foreign_entitlement
 
 if TYPE_CHECKING:
     from .._server import TimerServer
@@ -75,9 +75,7 @@ class FifoListener(Channel):
 
     def entitled(self, pid: int) -> str | None:
         """A process of this user descending from the server or a root; never the server."""
-        if pid == os.getpid():
-            return f"pid {pid} is the timer server itself"
-        return default_entitlement(pid, self.roots)
+        return foreign_entitlement(pid, self.roots)
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Create the FIFO and start reading it (returns once clients can connect)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .._events import logger
 from .._protocol import Op, Request
 from ._base import Channel
-from ._local import default_entitlement
+from ._local import foreign_entitlement
 
 if TYPE_CHECKING:
     from .._server import TimerServer
@@ -65,9 +65,7 @@ class QueueBridge(Channel):
 
     def entitled(self, pid: int) -> str | None:
         """A process of this user descending from the server or a root; never the server."""
-        if pid == os.getpid():
-            return f"pid {pid} is the timer server itself"
-        return default_entitlement(pid, self.roots)
+        return foreign_entitlement(pid, self.roots)
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start watching the queue's pipe."""
