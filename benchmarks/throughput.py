@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -144,5 +143,3 @@ BACKENDS: dict[str, tuple[Callable[[int, float], Awaitable[Throughput]], bool, b
     "torch-file@0.01": (torch_file(0.01), False, True),
     "torch-local@0.01": (torch_local(0.01), False, True),
 }
-
-_ = time  # keep the import for readers timing by hand
