@@ -9,9 +9,12 @@ so a worker's monotonic deadline needs no conversion; a wall-clock deadline
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
+
+from . import _timerfd
 
 __all__ = ["Cancellable", "Clock", "SystemClock"]
 
@@ -25,14 +28,11 @@ class Cancellable(Protocol):
 
 @runtime_checkable
 class Clock(Protocol):
-    """The time source and alarm that a ``TimerServer`` runs on."""
+    """The time source and alarm that a ``TimerServer`` runs on.
 
-    #: How much earlier than a deadline the alarm is set.  The loop's own timer
-    #: may be late by up to its resolution (epoll waits whole milliseconds), so the
-    #: server wakes this much early and then yields to the loop until the deadline
-    #: has truly passed: it never fires early and is rarely more than a loop
-    #: iteration late.
-    margin: float
+    An alarm may go off a little early (a loop's timers are only millisecond
+    accurate): the server re-checks the time when it wakes and never acts early.
+    """
 
     def now(self) -> float:
         """Current monotonic time in seconds (CLOCK_MONOTONIC for the system clock)."""
@@ -44,10 +44,76 @@ class Clock(Protocol):
         """Run ``callback`` on the running loop after ``delay`` seconds."""
 
 
-class SystemClock:
-    """The real clocks: ``time.monotonic`` and ``time.time``, alarms on the running loop."""
+#: How long before its time an alarm moves from the loop's timers to a timerfd.
+#: The loop's timers are up to ~2 ms late on asyncio (epoll rounds up to whole
+#: milliseconds, then the wake-up) and ~1 ms early on uvloop; 5 ms covers both.
+_FINE_WINDOW = 0.005
 
-    margin = 0.001
+
+class _Alarm:
+    """A ``call_later`` that ends on a timerfd, so it goes off on time.
+
+    The loop's timer brings it to within ``_FINE_WINDOW`` of its time; a
+    one-shot timerfd armed at the exact CLOCK_MONOTONIC time does the rest,
+    watched by the loop like any fd: nothing blocks and nothing spins.
+    """
+
+    __slots__ = ("_callback", "_fd", "_handle", "_loop", "_when")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, when: float, callback: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._when = when
+        self._callback = callback
+        self._fd = -1
+        self._handle: asyncio.Handle | None = None
+        coarse = when - time.monotonic() - _FINE_WINDOW
+        if coarse > 0:
+            self._handle = loop.call_later(coarse, self._refine)
+        else:
+            self._refine()
+
+    def _refine(self) -> None:
+        self._handle = None
+        remaining = self._when - time.monotonic()
+        fd = _timerfd.create() if remaining > 0 else -1
+        if fd < 0:  # due already, or no timerfd: the loop's timer will do
+            self._handle = self._loop.call_later(max(remaining, 0.0), self._callback)
+            return
+        try:
+            _timerfd.arm_at(fd, self._when)
+            self._loop.add_reader(fd, self._fire)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _fire(self) -> None:
+        self._close_fd()
+        self._callback()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def cancel(self) -> None:
+        """Stop the callback from running, if it has not run yet."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._close_fd()
+
+
+class SystemClock:
+    """The real clocks: ``time.monotonic`` and ``time.time``, alarms on the running loop.
+
+    Alarms are on time to within the kernel's timer slack (tens of
+    microseconds), not the loop's millisecond timer resolution: their last few
+    milliseconds are waited out on a Linux timerfd.
+    """
 
     def __repr__(self) -> str:
         return "SystemClock()"
@@ -61,8 +127,8 @@ class SystemClock:
         return time.time()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
-        """Schedule ``callback`` with the running loop's ``call_later``."""
-        return asyncio.get_running_loop().call_later(delay, callback)
+        """Run ``callback`` on the running loop ``delay`` seconds from now."""
+        return _Alarm(asyncio.get_running_loop(), time.monotonic() + delay, callback)
 
 
 def wall_to_monotonic(clock: Clock, wall_deadline: float) -> float:

@@ -128,6 +128,25 @@ class DeadlineHeap:
             self._garbage -= 1
         return math.inf
 
+    def due(self, until: float) -> list[Timer]:
+        """The live timers with ``deadline <= until``, left in place, in no particular order."""
+        heap = self._heap
+        found: list[Timer] = []
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            timer = heap[i]
+            if timer[0] > until:  # so is every entry below it
+                continue
+            if self._is_live(timer):
+                found.append(timer)
+            child = 2 * i + 1
+            if child < len(heap):
+                stack.append(child)
+                if child + 1 < len(heap):
+                    stack.append(child + 1)
+        return found
+
     def pop_expired(self, now: float) -> list[tuple[int, list[Timer]]]:
         """Remove and return every timer with ``deadline <= now``.
 

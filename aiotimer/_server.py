@@ -7,7 +7,7 @@ import enum
 import math
 import os
 import signal as _signal
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from ._clock import Cancellable, Clock, SystemClock
@@ -35,6 +35,11 @@ from .transports._local import LocalChannel
 from .transports._pipe import PipeChannel
 
 __all__ = ["TimerServer"]
+
+# How long before a deadline the server wakes to warm up for it (see _warm_up).
+_WARM_UP = 0.002
+
+_CHILD_SIGNALS = frozenset({_signal.SIGCHLD})
 
 # How long aclose() waits for a worker it killed to be reaped.
 _CLOSE_WAIT = 5.0
@@ -103,10 +108,9 @@ class TimerServer:
         self._counters = Counters()
         self._state = _State.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._scheduler_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None
         self._alarm_handle: Cancellable | None = None
         self._armed = math.inf
+        self._warmed_for = math.inf
         self._closed: asyncio.Event | None = None
         # pid -> the live process with that pid; id -> process, for expiries
         self._processes: dict[int, WatchedProcess] = {}
@@ -144,7 +148,6 @@ class TimerServer:
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._state = _State.RUNNING
-        self._scheduler_task = self._loop.create_task(self._scheduler(), name="aiotimer scheduler")
         logger.info("timer server started (clock=%r, reaper=%r)", self._clock, self._reaper)
         emit(self._log_event, WATCHDOG_STARTED, {})
 
@@ -158,11 +161,11 @@ class TimerServer:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSING
-        tasks = [t for t in (self._scheduler_task, *self._reapers) if t is not None]
+        self._disarm()
+        tasks = list(self._reapers)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._disarm()
         for listener in reversed(self._listeners):
             try:
                 await listener.aclose()
@@ -411,7 +414,9 @@ class TimerServer:
             return
         self._armed = deadline
         clock = self._clock
-        delay = deadline - clock.now() - clock.margin
+        delay = deadline - clock.now()
+        if delay > _WARM_UP and deadline != self._warmed_for:
+            delay -= _WARM_UP  # first an alarm to warm up; _alarm() then sets the exact one
         self._alarm_handle = clock.call_later(delay if delay > 0 else 0.0, self._alarm)
 
     def _disarm(self) -> None:
@@ -421,43 +426,75 @@ class TimerServer:
         self._armed = math.inf
 
     def _alarm(self) -> None:
+        """The alarm went off: act on what is due, then set the next alarm."""
+        # This is the loop's callback itself: what is due is acted on at once,
+        # with no task switch or loop turn in between.
         self._alarm_handle = None
         self._armed = math.inf
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    async def _scheduler(self) -> None:
-        loop = asyncio.get_running_loop()
-        clock = self._clock
-        heap = self._heap
-        while True:
-            self._wake = loop.create_future()
-            self._arm()
-            await self._wake
-            self._counters.wakeups += 1
-            now = clock.now()
-            # The loop may wake us a little early; the deadline is re-checked
+        self._counters.wakeups += 1
+        try:
+            now = self._clock.now()
+            due = self._heap.next_deadline()
+            # An alarm may go off a little early; the deadline is re-checked
             # against the clock itself, so nothing ever expires early.
-            if heap.next_deadline() <= now:
+            if due <= now:
                 self._expire(now)
+            elif due != self._warmed_for:
+                self._warmed_for = due
+                self._warm_up(due)
+        except Exception:  # a bug here must not stop the watchdog
+            logger.exception("handling expired timers failed")
+        finally:
+            if self._state is _State.RUNNING:
+                self._arm()
+
+    def _warm_up(self, deadline: float) -> None:
+        """Touch what expiring at ``deadline`` will need, so it is in cache then.
+
+        Idle for a while, the machine evicts the server's data and code from
+        the CPU caches; cold, a 64-process expiry takes twice as long.  This pass
+        is read-only: a timer released in the meantime costs nothing.
+        """
+        by_id = self._by_id
+        for timer in self._heap.due(deadline):
+            process = by_id.get(timer.owner)
+            if process is not None and process.pidfd >= 0:
+                # The same syscall as the kill, with signal 0: warms the kernel side too.
+                pidfd_alive(process.pidfd)
 
     def _expire(self, now: float) -> None:
-        # Signals go out first, in one burst, before any logging: with many
-        # processes expiring together, every one of them is signalled as close to
-        # its deadline as the machine allows.  Events are emitted afterwards, in
-        # torch's order ("timer expired" before "kill worker process").
+        # Signals go out first, in one burst, before any bookkeeping or logging:
+        # with many processes expiring together, every one of them is signalled
+        # as close to its deadline as the machine allows.  Events are emitted
+        # afterwards, in torch's order ("timer expired" before "kill worker
+        # process").
         groups = self._heap.pop_expired(now)
-        self._kill_events = []
+        kill_events: list[tuple[Expiry, int, float]] = []
+        self._kill_events = kill_events
         try:
-            burst = [b for b in (self._claim(o, ts, now) for o, ts in groups) if b is not None]
+            burst = self._claim(groups, now)
+            mask = None
             if len(burst) > 1:
+                self._prepare(burst)
+                # The first victims die while the rest are being signalled; their
+                # SIGCHLDs would interrupt the burst (uvloop handles them), so
+                # they wait until it is over.
+                mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _CHILD_SIGNALS)
+            outcomes: list[tuple[object, Exception | None]] = []
+            append = outcomes.append
+            try:
                 for reaper, expiry, _ in burst:
-                    self._prepare(reaper, expiry)
-            for reaper, expiry, process in burst:
-                self._start_reaping(reaper, expiry, process)
+                    try:
+                        append((reaper(expiry), None))
+                    except Exception as exc:
+                        append((None, exc))
+            finally:
+                if mask is not None:
+                    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         finally:
-            kill_events, self._kill_events = self._kill_events, None
+            self._kill_events = None
+        for (reaper, expiry, process), (result, error) in zip(burst, outcomes, strict=True):
+            self._reaper_called(reaper, expiry, process, result, error)
         counters = self._counters
         for owner, timers in groups:
             known = self._by_id.get(owner) or self._reaped.get(owner)
@@ -478,49 +515,66 @@ class TimerServer:
                     {"pid": pid, "scope": timer.scope, "deadline": timer.deadline, "lag": lag},
                 )
         self._reaped.clear()
-        for expiry, sig, latency in kill_events:
-            self._report_kill(expiry, sig, latency)
+        for expiry, sig, at in kill_events:
+            self._killed(expiry, sig, at)
 
     def _claim(
-        self, owner: int, timers: list[Timer], now: float
-    ) -> tuple[Reaper, Expiry, WatchedProcess] | None:
-        """Decide whether ``owner``'s expiry is to be reaped; if so, mark it reaping."""
-        process = self._by_id.get(owner)
-        if process is None or process.exited:
-            return None
-        # Remember it for the log lines even if it dies during the burst.
-        self._reaped[owner] = process
-        requested = self._requested_signal(process, timers)
-        if requested is not None and requested <= 0:
-            logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
-            return None
-        if process.reaping:
-            return None
-        process.reaping = True
-        worker = process.worker
-        reaper = worker.reaper if worker is not None and worker.reaper else self._reaper
-        expiry = Expiry(process, timers, now, requested_signal=requested, on_signal=self._signalled)
-        return reaper, expiry, process
+        self, groups: list[tuple[int, list[Timer]]], now: float
+    ) -> list[tuple[Reaper, Expiry, WatchedProcess]]:
+        """The processes of ``groups`` to reap now, each marked reaping, with its reaper."""
+        # On the kill path: every microsecond here delays the last signal of a
+        # burst, so the loop keeps to locals and builds nothing it can defer.
+        by_id = self._by_id
+        reaped = self._reaped
+        default = self._reaper
+        on_signal = self._signalled
+        burst: list[tuple[Reaper, Expiry, WatchedProcess]] = []
+        for owner, timers in groups:
+            process = by_id.get(owner)
+            if process is None or process.exited:
+                continue
+            # Remember it for the log lines even if it dies during the burst.
+            reaped[owner] = process
+            requested = (
+                self._requested_signal(process, timers) if process.requested_signals else None
+            )
+            if requested is not None and requested <= 0:
+                logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
+                continue
+            if process.reaping:
+                continue
+            process.reaping = True
+            worker = process.worker
+            reaper = (worker.reaper if worker is not None else None) or default
+            burst.append((reaper, Expiry(process, timers, now, requested, on_signal), process))
+        return burst
 
     @staticmethod
-    def _prepare(reaper: Reaper, expiry: Expiry) -> None:
-        prepare = getattr(reaper, "prepare", None)
-        if prepare is None:
-            return
-        try:
-            prepare(expiry)
-        except Exception:
-            logger.exception("reaper %r failed to prepare pid %d", reaper, expiry.pid)
+    def _prepare(burst: list[tuple[Reaper, Expiry, WatchedProcess]]) -> None:
+        """Call each reaper's optional ``prepare(expiry)`` for a burst, before any reaping."""
+        prepares: dict[int, Callable[[Expiry], object] | None] = {}
+        for reaper, expiry, _ in burst:
+            key = id(reaper)
+            if key in prepares:
+                prepare = prepares[key]
+            else:
+                prepare = prepares[key] = getattr(reaper, "prepare", None)
+            if prepare is None:
+                continue
+            try:
+                prepare(expiry)
+            except Exception:
+                logger.exception("reaper %r failed to prepare pid %d", reaper, expiry.pid)
 
-    def _start_reaping(self, reaper: Reaper, expiry: Expiry, process: WatchedProcess) -> None:
-        # The reaper is called right here, not in a new task: a sync reaper (and
-        # the first signal of the built-in one) acts before the loop turns.
-        # Bookkeeping waits until after it.
-        error: Exception | None = None
-        try:
-            result = reaper(expiry)
-        except Exception as exc:
-            result, error = None, exc
+    def _reaper_called(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        result: object,
+        error: Exception | None,
+    ) -> None:
+        """Book-keep a reaper call made in a burst; follow up on what it returned."""
         # The process is being killed: its other timers go with it.
         self._heap.remove_owner(process.id)
         process.requested_signals.clear()
@@ -530,8 +584,7 @@ class TimerServer:
         if error is not None:
             self._reaper_failed(reaper, expiry, 1, error)
             self._spawn_reap(self._reap(reaper, expiry, process, None, 2))
-            return
-        if isinstance(result, Awaitable):
+        elif result is not None and isinstance(result, Awaitable):
             self._spawn_reap(self._reap(reaper, expiry, process, result, 1))
         else:
             process.reaping = False
@@ -571,16 +624,21 @@ class TimerServer:
     def _signalled(self, expiry: Expiry, sig: int) -> None:
         if len(expiry.signals_sent) != 1:
             return
-        latency = self._clock.now() - expiry.deadline
+        at = self._clock.now()
+        if self._kill_events is not None:  # in a burst: account for it after the burst
+            self._kill_events.append((expiry, sig, at))
+        else:
+            self._killed(expiry, sig, at)
+
+    def _killed(self, expiry: Expiry, sig: int, at: float) -> None:
+        """Account for the first signal sent to ``expiry``'s process, at time ``at``."""
+        latency = at - expiry.deadline
         self._counters.kills += 1
         self._counters.record_decision(latency)
         worker = expiry.worker
         if worker is not None and worker.pid == expiry.pid:
             worker.killed_by_watchdog = True
-        if self._kill_events is not None:
-            self._kill_events.append((expiry, sig, latency))
-        else:
-            self._report_kill(expiry, sig, latency)
+        self._report_kill(expiry, sig, latency)
 
     def _report_kill(self, expiry: Expiry, sig: int, latency: float) -> None:
         logger.warning(

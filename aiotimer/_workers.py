@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ._process import ProcessGone, open_pidfd, pidfd_no_wakeup_preemption, pidfd_signal
+from ._process import ProcessGone, open_pidfd, pidfd_signal
 
 if TYPE_CHECKING:
     from ._reap import Reaper
@@ -91,10 +91,6 @@ class WatchedProcess:
         if self.pidfd < 0:
             raise ProcessGone(f"process {self.pid} has exited")
         pidfd_signal(self.pidfd, self.pid, sig, group=group)
-
-    def no_wakeup_preemption(self) -> bool:
-        """Stop this process's wake-ups from preempting others (SCHED_BATCH); best effort."""
-        return self.pidfd >= 0 and pidfd_no_wakeup_preemption(self.pidfd, self.pid)
 
     async def wait_exit(self, timeout: float | None = None) -> bool:
         """Wait until the process exits; return ``False`` if ``timeout`` passed first."""

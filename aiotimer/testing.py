@@ -36,8 +36,6 @@ class MockClock:
     after a deadline.
     """
 
-    margin = 0.0
-
     def __init__(self, start: float = 0.0, *, wall_offset: float = 1_700_000_000.0) -> None:
         self._now = float(start)
         self.wall_offset = float(wall_offset)

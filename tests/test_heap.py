@@ -14,6 +14,20 @@ def test_empty_heap_has_no_deadline() -> None:
     assert len(heap) == 0
 
 
+def test_due_lists_live_timers_up_to_a_time_and_leaves_them_armed() -> None:
+    heap = DeadlineHeap()
+    for owner in range(50):
+        heap.set(owner, "s", float(owner))
+    heap.set(7, "s", 100.0)  # replaced: the stale entry at 7.0 is garbage now
+    heap.remove(3, "s")  # released
+    due = heap.due(10.0)
+    assert sorted((t.owner, t.deadline) for t in due) == [
+        (o, float(o)) for o in range(11) if o not in (3, 7)
+    ]
+    assert len(heap) == 49 and heap.next_deadline() == 0.0
+    assert heap.due(-1.0) == [] and DeadlineHeap().due(1e9) == []
+
+
 def test_pop_expired_returns_due_timers_grouped_by_owner_earliest_first() -> None:
     heap = DeadlineHeap()
     heap.set(2, "b", 5.0)

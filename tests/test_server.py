@@ -319,3 +319,63 @@ async def test_sigkill_victims_of_a_burst_are_moved_to_sched_batch_first(
         await mock_clock.advance(1.0)
     assert policies == {p.pid: os.SCHED_BATCH for p in procs}
     assert [p.wait(timeout=30) for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+async def test_the_server_wakes_just_before_a_deadline_to_warm_up_and_never_acts_early(
+    timer_server: TimerServer, mock_clock: MockClock, recording_reaper: RecordingReaper
+) -> None:
+    timer_server.local_channel().acquire(ME, "step", 10.0)
+    await mock_clock.advance(9.998)  # the warm-up alarm: touches what expiring will need
+    assert timer_server.statistics().wakeups == 1
+    assert recording_reaper.expiries == []
+    await mock_clock.advance(0.001)
+    assert recording_reaper.expiries == []
+    await mock_clock.advance(0.0011)  # (9.998 + 0.001 + 0.001 falls short of 10 in floats)
+    assert recording_reaper.scopes == [["step"]]
+    assert timer_server.statistics().wakeups == 2
+
+
+async def test_an_error_while_expiring_is_logged_and_the_watchdog_keeps_going(
+    timer_server: TimerServer,
+    mock_clock: MockClock,
+    recording_reaper: RecordingReaper,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    claim = timer_server._claim
+    failures = [RuntimeError("a bug, on purpose")]
+
+    def failing_once(*args: object) -> object:
+        if failures:
+            raise failures.pop()
+        return claim(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(timer_server, "_claim", failing_once)
+    channel = timer_server.local_channel()
+    channel.acquire(ME, "lost to the bug", 1.0)
+    await mock_clock.advance(1.0)
+    assert "handling expired timers failed" in caplog.text
+    channel.acquire(ME, "next", 2.0)
+    await mock_clock.advance(1.0)
+    assert recording_reaper.scopes == [["next"]]
+
+
+async def test_a_burst_blocks_sigchld_only_while_it_signals(
+    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    masks: list[set[signal.Signals]] = []
+
+    class Observing(RecordingReaper):
+        def __call__(self, expiry: Expiry) -> None:
+            masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            super().__call__(expiry)
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    a, b = sleeper().pid, sleeper().pid
+    async with TimerServer(clock=mock_clock, reaper=Observing()) as server:
+        channel = server.local_channel(pids=[a, b])
+        channel.acquire(a, "s", 1.0)
+        channel.acquire(b, "s", 1.0)
+        await mock_clock.advance(1.0)
+    assert [signal.SIGCHLD in m for m in masks] == [True, True]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
