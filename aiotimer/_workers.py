@@ -7,7 +7,8 @@ import contextlib
 import itertools
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from ._process import ProcessGone, open_pidfd, pidfd_signal
@@ -15,9 +16,36 @@ from ._process import ProcessGone, open_pidfd, pidfd_signal
 if TYPE_CHECKING:
     from ._reap import Reaper
 
-__all__ = ["WatchedProcess", "Worker"]
+__all__ = ["WatchedProcess", "Worker", "pidfd_child_watcher"]
 
 _ids = itertools.count(1)
+
+
+@contextlib.asynccontextmanager
+async def pidfd_child_watcher() -> AsyncIterator[None]:
+    """On Python 3.11's own asyncio loop, reap child processes through pidfds meanwhile.
+
+    There, asyncio waits for each child in a thread of its own.  When many
+    workers are killed together, those threads wake as the workers die and
+    preempt the server while it is still signalling the rest.  Python 3.12+
+    watches children through pidfds already, and uvloop has its own watcher, so
+    elsewhere this does nothing.  The child watcher is process-wide: an
+    application that owns its loop wraps its main coroutine in this (``aiotimer
+    run`` and the benchmarks do); a library embedding the server leaves that
+    choice to its application.
+    """
+    loop = asyncio.get_running_loop()
+    if sys.version_info >= (3, 12) or not isinstance(loop, asyncio.SelectorEventLoop):
+        yield
+        return
+    previous = asyncio.get_child_watcher()
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.set_child_watcher(watcher)
+    watcher.attach_loop(loop)
+    try:
+        yield
+    finally:
+        asyncio.set_child_watcher(previous)
 
 
 class WatchedProcess:

@@ -18,6 +18,7 @@ from ._events import KILL_WORKER_PROCESS, TIMER_EXPIRED
 from ._reap import SignalReaper
 from ._server import TimerServer
 from ._validate import check_seconds, check_signal
+from ._workers import pidfd_child_watcher
 
 __all__ = ["main", "run_job", "serve_command"]
 
@@ -359,9 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         coro = run_job(cmd, nprocs=args.nprocs, max_restarts=args.max_restarts, reaper=reaper)
     factory = _loop_factory()
+
+    async def on_own_loop() -> int:
+        async with pidfd_child_watcher():  # the CLI owns its loop: no thread per child
+            return await coro
+
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(coro)
+            return runner.run(on_own_loop())
     except KeyboardInterrupt:
         return 130
 

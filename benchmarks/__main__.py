@@ -24,6 +24,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from aiotimer._workers import pidfd_child_watcher
+
 from . import client, idle, kill, scale, throughput
 from ._stats import median, summarize_ms
 
@@ -43,9 +45,18 @@ def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
 
 
 def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` to completion on a new loop from ``factory``."""
+    """Run ``coro`` to completion on a new loop from ``factory``.
+
+    On Python 3.11's own loop, children are watched through pidfds, as 3.12+
+    does by default, rather than by a thread each (see ``pidfd_child_watcher``).
+    """
+
+    async def on_own_loop() -> Any:
+        async with pidfd_child_watcher():
+            return await coro
+
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
+        return runner.run(on_own_loop())
 
 
 def progress(text: str) -> None:

@@ -236,3 +236,25 @@ async def test_client_raises_broken_pipe_when_the_server_is_gone() -> None:
         out = await asyncio.wait_for(worker.stdout.read(), WAIT)
         assert await asyncio.wait_for(worker.wait(), WAIT) == 0
     assert out == b"ServerUnavailableError\n"
+
+
+async def test_pidfd_child_watcher_reaps_children_without_a_thread_each() -> None:
+    import threading
+    import warnings
+
+    from aiotimer._workers import pidfd_child_watcher
+
+    def waitpid_threads() -> int:
+        return sum("waitpid-" in t.name for t in threading.enumerate())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # child watchers, on 3.12+
+        before = asyncio.get_child_watcher() if sys.version_info < (3, 12) else None
+    threads = waitpid_threads()
+    async with pidfd_child_watcher(), TimerServer() as server:
+        worker = await server.spawn(sys.executable, "-c", "import time; time.sleep(600)")
+        assert waitpid_threads() == threads  # while it runs, no thread waits for it
+        worker.kill()
+        assert await asyncio.wait_for(worker.wait(), 60) == -signal.SIGKILL
+    if before is not None:
+        assert asyncio.get_child_watcher() is before  # restored for the rest of the process
