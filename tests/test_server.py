@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
 
-from aiotimer import Expiry, SignalReaper, TimerServer
+from aiotimer import Expiry, Reaper, SignalReaper, TimerServer
 from aiotimer.testing import MockClock, RecordingReaper, settle
+from aiotimer.transports._local import LocalChannel
 
 ME = os.getpid()
 
@@ -276,6 +278,20 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
         TimerServer(clock=object())  # type: ignore[arg-type]
 
 
+@contextlib.asynccontextmanager
+async def _two_expire_together(
+    clock: MockClock, reaper: Reaper, sleeper: Callable[[], subprocess.Popen[bytes]]
+) -> AsyncIterator[tuple[LocalChannel, int, int]]:
+    """A server whose two processes ``a`` and ``b`` have just expired in one burst."""
+    a, b = sleeper().pid, sleeper().pid
+    async with TimerServer(clock=clock, reaper=reaper) as server:
+        channel = server.local_channel(pids=[a, b])
+        channel.acquire(a, "s", 1.0)
+        channel.acquire(b, "s", 1.0)
+        await clock.advance(1.0)
+        yield channel, a, b
+
+
 async def test_a_burst_prepares_every_process_before_reaping_any(
     mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
 ) -> None:
@@ -289,12 +305,7 @@ async def test_a_burst_prepares_every_process_before_reaping_any(
             calls.append(("reap", expiry.pid))
             super().__call__(expiry)
 
-    a, b = sleeper().pid, sleeper().pid
-    async with TimerServer(clock=mock_clock, reaper=Preparing()) as server:
-        channel = server.local_channel(pids=[a, b])
-        channel.acquire(a, "s", 1.0)
-        channel.acquire(b, "s", 1.0)
-        await mock_clock.advance(1.0)
+    async with _two_expire_together(mock_clock, Preparing(), sleeper) as (channel, a, b):
         # A lone expiry needs no preparing.
         channel.acquire(a, "t", 2.0)
         await mock_clock.advance(1.0)
@@ -371,11 +382,7 @@ async def test_a_burst_blocks_sigchld_only_while_it_signals(
             super().__call__(expiry)
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    a, b = sleeper().pid, sleeper().pid
-    async with TimerServer(clock=mock_clock, reaper=Observing()) as server:
-        channel = server.local_channel(pids=[a, b])
-        channel.acquire(a, "s", 1.0)
-        channel.acquire(b, "s", 1.0)
-        await mock_clock.advance(1.0)
+    async with _two_expire_together(mock_clock, Observing(), sleeper):
+        pass
     assert [signal.SIGCHLD in m for m in masks] == [True, True]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
