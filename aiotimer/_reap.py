@@ -103,15 +103,9 @@ class Expiry:
 
     def send_signal(self, sig: int, *, group: bool = False) -> bool:
         """Send ``sig`` (to the process group with ``group``); ``False`` if it has exited."""
-        process = self._process
         try:
-            if group:
-                process.send_signal(sig, group=True)
-            else:  # the kill path of every burst: straight to the syscall
-                if process.pidfd < 0:
-                    return False
-                _signal.pidfd_send_signal(process.pidfd, sig)
-        except ProcessLookupError:  # ProcessGone included
+            self._process.send_signal(sig, group=group)
+        except ProcessGone:
             return False
         self.signals_sent.append(sig)
         self._on_signal(self, sig)

@@ -7,7 +7,7 @@ import enum
 import math
 import os
 import signal as _signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from ._clock import Cancellable, Clock, SystemClock
@@ -552,13 +552,8 @@ class TimerServer:
     @staticmethod
     def _prepare(burst: list[tuple[Reaper, Expiry, WatchedProcess]]) -> None:
         """Call each reaper's optional ``prepare(expiry)`` for a burst, before any reaping."""
-        prepares: dict[int, Callable[[Expiry], object] | None] = {}
         for reaper, expiry, _ in burst:
-            key = id(reaper)
-            if key in prepares:
-                prepare = prepares[key]
-            else:
-                prepare = prepares[key] = getattr(reaper, "prepare", None)
+            prepare = getattr(reaper, "prepare", None)
             if prepare is None:
                 continue
             try:
@@ -638,9 +633,6 @@ class TimerServer:
         worker = expiry.worker
         if worker is not None and worker.pid == expiry.pid:
             worker.killed_by_watchdog = True
-        self._report_kill(expiry, sig, latency)
-
-    def _report_kill(self, expiry: Expiry, sig: int, latency: float) -> None:
         logger.warning(
             "sent %s to pid %d (%.3f ms after its deadline)",
             _signal_name(sig),
