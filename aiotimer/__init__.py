@@ -30,12 +30,12 @@ from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
 from ._exceptions import EntitlementError as EntitlementError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ServerUnavailableError as ServerUnavailableError
+from ._expiry import ExpiredTimer as ExpiredTimer
+from ._expiry import Expiry as Expiry
+from ._expiry import Reaper as Reaper
 from ._heap import DeadlineHeap as DeadlineHeap
 from ._heap import Timer as Timer
-from ._reap import ExpiredTimer as ExpiredTimer
-from ._reap import Expiry as Expiry
-from ._reap import Reaper as Reaper
-from ._reap import SignalReaper as SignalReaper
+from ._reapers import SignalReaper as SignalReaper
 from ._server import TimerServer as TimerServer
 from ._workers import Worker as Worker
 

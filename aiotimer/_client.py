@@ -22,6 +22,7 @@ __all__ = [
     "PipeClient",
     "TimerClient",
     "TimerScope",
+    "call_site",
     "configure",
     "expires",
     "get_client",
@@ -125,13 +126,28 @@ _client: TimerClient | None = None
 _client_lock = threading.Lock()
 
 
+def _check_client(client: object) -> None:
+    # torch's clients have the same two methods, but take wall-clock deadlines
+    # while ``expires`` sends monotonic ones: given one, a 60 s block would
+    # expire at once.  They belong with ``aiotimer.compat.torch.expires``.
+    if not isinstance(client, TimerClient):
+        hint = ""
+        if callable(getattr(client, "acquire", None)):
+            hint = (
+                " (a torch-style client takes wall-clock deadlines: use it with "
+                "aiotimer.compat.torch.configure/expires, or subclass aiotimer.TimerClient)"
+            )
+        raise TypeError(f"`client` must be an aiotimer.TimerClient, got {client!r}{hint}")
+
+
 def configure(client: TimerClient | None) -> None:
-    """Set the process-wide client that ``expires``/``timer`` use (``None`` resets)."""
+    """Set the process-wide client that ``expires``/``timer`` use (``None`` resets).
+
+    ``client`` must be an ``aiotimer.TimerClient`` (monotonic deadlines).
+    """
     global _client
-    # torch's clients have the same two methods; accept them too.
-    duck = callable(getattr(client, "acquire", None)) and callable(getattr(client, "release", None))
-    if client is not None and not duck:
-        raise TypeError(f"`client` must be a TimerClient, got {client!r}")
+    if client is not None:
+        _check_client(client)
     _client = client
 
 
@@ -196,6 +212,8 @@ class TimerScope:
     ) -> None:
         if type(after) is not float or not 0 < after < float("inf"):
             after = check_seconds("after", after)
+        if client is not None:
+            _check_client(client)
         self._after = after
         self._scope = scope
         self._client = client
@@ -278,8 +296,13 @@ class TimerScope:
             self.__exit__(exc_type, exc, tb)
 
 
-def _call_site(depth: int) -> str:
-    frame = sys._getframe(depth)
+def call_site(depth: int = 1) -> str:
+    """``file#line`` ``depth`` frames above the function calling this (1: its caller).
+
+    torch's default scope, found without walking the stack (microseconds, not
+    the milliseconds of ``inspect.stack()``).
+    """
+    frame = sys._getframe(depth + 1)
     return f"{frame.f_code.co_filename}#{frame.f_lineno}"
 
 
@@ -292,7 +315,7 @@ def expires(
     Without ``client``, the configured one is used, or, in a worker that a
     ``TimerServer`` spawned, the one found in the environment.
     """
-    return TimerScope(after, _call_site(2) if scope is None else scope, client)
+    return TimerScope(after, call_site(1) if scope is None else scope, client)
 
 
 def timer(
@@ -314,4 +337,4 @@ def timer(
             raise ValueError(
                 f"`soft_timeout` must be less than `after` ({hard}), got {soft_timeout}"
             )
-    return TimerScope(after, _call_site(2) if scope is None else scope, client, soft_timeout)
+    return TimerScope(after, call_site(1) if scope is None else scope, client, soft_timeout)

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from . import _timerfd
+from ._linux import timerfd_arm_at, timerfd_create
 
-__all__ = ["Cancellable", "Clock", "SystemClock"]
+__all__ = ["Cancellable", "Clock", "SystemClock", "monotonic_to_wall", "wall_to_monotonic"]
 
 
 class Cancellable(Protocol):
@@ -77,12 +77,12 @@ class _Alarm:
     def _refine(self) -> None:
         self._handle = None
         remaining = self._when - time.monotonic()
-        fd = _timerfd.create() if remaining > 0 else -1
+        fd = timerfd_create() if remaining > 0 else -1
         if fd < 0:  # due already, or no timerfd: the loop's timer will do
             self._handle = self._loop.call_later(max(remaining, 0.0), self._callback)
             return
         try:
-            _timerfd.arm_at(fd, self._when)
+            timerfd_arm_at(fd, self._when)
             self._loop.add_reader(fd, self._fire)
         except BaseException:
             os.close(fd)
@@ -134,3 +134,8 @@ class SystemClock:
 def wall_to_monotonic(clock: Clock, wall_deadline: float) -> float:
     """Convert a wall-clock deadline to ``clock``'s monotonic time line."""
     return clock.now() + (wall_deadline - clock.wall())
+
+
+def monotonic_to_wall(clock: Clock, deadline: float) -> float:
+    """Convert a deadline on ``clock``'s monotonic time line to wall-clock seconds."""
+    return deadline + (clock.wall() - clock.now())

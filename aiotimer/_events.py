@@ -1,10 +1,17 @@
-"""Event hook, logging and statistics of a timer server."""
+"""What a timer server reports: typed event records, the ``log_event`` adapter, counters.
+
+Inside, events are frozen dataclasses, so every consumer reads typed fields.
+At the edge, ``log_event(name, info)`` hooks get torch's event names
+("watchdog started", "timer expired", ...) and a plain mapping, as torch's
+``FileTimerServer`` hands them out.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 __all__ = [
     "KILL_WORKER_PROCESS",
@@ -13,8 +20,18 @@ __all__ = [
     "WATCHDOG_STARTED",
     "WATCHDOG_STOPPED",
     "WORKER_EXITED",
+    "Counters",
+    "Event",
+    "EventBus",
+    "KillWorkerProcess",
     "LogEvent",
+    "RequestRejected",
     "Statistics",
+    "TimerExpired",
+    "WatchdogStarted",
+    "WatchdogStopped",
+    "WorkerExited",
+    "logger",
 ]
 
 logger = logging.getLogger("aiotimer")
@@ -32,6 +49,112 @@ REQUEST_REJECTED = "request rejected"
 
 #: ``log_event(name, info)``: called on the loop for every event; must not block.
 LogEvent = Callable[[str, Mapping[str, object]], None]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event record; ``name`` is the event's (torch-compatible) name."""
+
+    name: ClassVar[str] = ""
+
+    def info(self) -> dict[str, object]:
+        """The fields as a mapping, as ``log_event`` hooks receive them."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class WatchdogStarted(Event):
+    """The server started watching."""
+
+    name: ClassVar[str] = WATCHDOG_STARTED
+
+
+@dataclass(frozen=True)
+class WatchdogStopped(Event):
+    """The server stopped watching."""
+
+    name: ClassVar[str] = WATCHDOG_STOPPED
+
+
+@dataclass(frozen=True)
+class TimerExpired(Event):
+    """A timer's deadline passed without a release.
+
+    ``deadline`` is on the server's monotonic clock; ``lag`` is how late the
+    server handled it.  ``pid`` is ``None`` if the process had already gone.
+    """
+
+    name: ClassVar[str] = TIMER_EXPIRED
+    pid: int | None
+    scope: str
+    deadline: float
+    lag: float
+
+
+@dataclass(frozen=True)
+class KillWorkerProcess(Event):
+    """The first signal went to a process whose timers expired.
+
+    ``latency`` is the delay from the earliest expired deadline to the signal.
+    """
+
+    name: ClassVar[str] = KILL_WORKER_PROCESS
+    pid: int
+    signal: int
+    scopes: list[str]
+    latency: float
+
+
+@dataclass(frozen=True)
+class WorkerExited(Event):
+    """A spawned worker exited; its timers were cleared.
+
+    ``returncode`` is its exit status as ``asyncio`` reports it (negative: killed
+    by that signal), or ``None`` if the kernel no longer had it to tell.
+    """
+
+    name: ClassVar[str] = WORKER_EXITED
+    pid: int
+    returncode: int | None
+    timers_cleared: int
+    worker: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class RequestRejected(Event):
+    """A request was refused (malformed, out of range, or naming a process it may not)."""
+
+    name: ClassVar[str] = REQUEST_REJECTED
+    channel: str
+    reason: str
+
+
+class EventBus:
+    """Delivers each event to every subscriber; a failing subscriber is logged, never raised."""
+
+    __slots__ = ("_subscribers",)
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[Event], None]] = []
+
+    def subscribe(self, subscriber: Callable[[Event], None]) -> None:
+        """Call ``subscriber(event)`` for every event from now on."""
+        self._subscribers.append(subscriber)
+
+    def subscribe_log_event(self, log_event: LogEvent) -> None:
+        """Call a torch-style ``log_event(name, info)`` hook for every event from now on."""
+        self.subscribe(lambda event: log_event(event.name, event.info()))
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+    def emit(self, event: Event) -> None:
+        """Deliver ``event``."""
+        for subscriber in self._subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                logger.exception("event subscriber %r failed on %r", subscriber, event.name)
 
 
 @dataclass(frozen=True)
@@ -65,7 +188,7 @@ class Statistics:
 
 
 class Counters:
-    """The mutable counters behind ``Statistics``; the server owns one."""
+    """The mutable counters behind ``Statistics``; the server's parts share one."""
 
     __slots__ = (
         "decision_count",
@@ -99,13 +222,3 @@ class Counters:
         self.decision_count += 1
         self.decision_sum += lag
         self.decision_max = max(self.decision_max, lag)
-
-
-def emit(log_event: LogEvent | None, name: str, info: Mapping[str, object]) -> None:
-    """Call the user's event hook; a failing hook is logged, never raised into the server."""
-    if log_event is None:
-        return
-    try:
-        log_event(name, info)
-    except Exception:
-        logger.exception("log_event hook failed on %r", name)

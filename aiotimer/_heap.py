@@ -1,11 +1,17 @@
 """Deadline heap: pure bookkeeping of timers, with no I/O and no event loop.
 
-Timers are keyed by ``(owner, scope)``.  The heap holds ``Timer`` tuples and
-deletes lazily: an entry is live only while the index still maps its key to that
-very tuple, so replacing or releasing a timer is O(1) bookkeeping plus, for a
-replace, one O(log n) push.  Stale entries are pruned in one O(n) pass once they
-outnumber the live ones, which bounds the garbage at about the live count and
-keeps every operation amortised O(log n) (the scheme of trio's ``Deadlines``).
+A timer is keyed by its owner (an int naming a process), the channel it arrived
+on (an int; 0 for callers that have one source) and its scope, so a request on
+one channel can never release or re-arm a timer armed on another.  Each entry
+also carries the signal its client asked to be killed with (``signal``: 0 for
+"the reaper's choice", < 0 for "never signal, only report").
+
+The heap holds ``Timer`` tuples and deletes lazily: an entry is live only while
+the index still maps its key to that very tuple, so replacing or releasing a
+timer is O(1) bookkeeping plus, for a replace, one O(log n) push.  Stale entries
+are pruned in one O(n) pass once they outnumber the live ones, which bounds the
+garbage at about the live count and keeps every operation amortised O(log n)
+(the scheme of trio's ``Deadlines``).
 """
 
 from __future__ import annotations
@@ -21,28 +27,38 @@ _PRUNE_FLOOR = 256
 
 
 class Timer(NamedTuple):
-    """One armed timer: the process that owns it, its scope, and its deadline."""
+    """One armed timer: its deadline, owner, scope, channel and requested signal.
+
+    ``signal`` is what the client asked to be killed with: 0 leaves the choice
+    to the reaper, a negative value asks for the expiry to be reported only.
+    """
 
     deadline: float
     owner: int
     scope: str
+    channel: int = 0
+    signal: int = 0
 
 
 _new_timer = tuple.__new__  # skips NamedTuple's keyword handling on the hot path
+
+# owner -> channel -> scope -> live timer.  Nested rather than keyed by tuples:
+# most owners use one channel, so this costs one small dict per owner instead
+# of a key tuple per timer.
+_Index = dict[int, dict[int, dict[str, Timer]]]
 
 
 class DeadlineHeap:
     """Min-heap of deadlines with O(1) lazy release and bounded garbage.
 
-    ``owner`` is an int naming the process a timer belongs to; ``scope`` names the
-    timer within it.  Setting an existing ``(owner, scope)`` replaces its deadline.
+    Setting an existing ``(owner, scope, channel)`` replaces its deadline and signal.
     """
 
     __slots__ = ("_garbage", "_heap", "_live", "_owners")
 
     def __init__(self) -> None:
         self._heap: list[Timer] = []
-        self._owners: dict[int, dict[str, Timer]] = {}
+        self._owners: _Index = {}
         self._live = 0
         self._garbage = 0
 
@@ -60,12 +76,17 @@ class DeadlineHeap:
         """Stale entries still in the heap (released or replaced timers)."""
         return self._garbage
 
-    def set(self, owner: int, scope: str, deadline: float) -> Timer:
-        """Arm ``(owner, scope)`` to expire at ``deadline``, replacing any earlier arming."""
-        timers = self._owners.get(owner)
+    def set(
+        self, owner: int, scope: str, deadline: float, *, channel: int = 0, signal: int = 0
+    ) -> Timer:
+        """Arm ``(owner, scope, channel)`` to expire at ``deadline``, replacing any earlier one."""
+        channels = self._owners.get(owner)
+        if channels is None:
+            channels = self._owners[owner] = {}
+        timers = channels.get(channel)
         if timers is None:
-            timers = self._owners[owner] = {}
-        timer: Timer = _new_timer(Timer, (deadline, owner, scope))
+            timers = channels[channel] = {}
+        timer: Timer = _new_timer(Timer, (deadline, owner, scope, channel, signal))
         if timers.get(scope) is None:
             self._live += 1
         else:
@@ -76,18 +97,29 @@ class DeadlineHeap:
             self.prune()
         return timer
 
-    def get(self, owner: int, scope: str) -> Timer | None:
-        """The live timer of ``(owner, scope)``, if any."""
-        timers = self._owners.get(owner)
+    def get(self, owner: int, scope: str, *, channel: int = 0) -> Timer | None:
+        """The live timer of ``(owner, scope, channel)``, if any."""
+        timers = self._owners.get(owner, {}).get(channel)
         return None if timers is None else timers.get(scope)
 
-    def remove(self, owner: int, scope: str) -> bool:
-        """Release ``(owner, scope)``; return whether it was armed."""
-        timers = self._owners.get(owner)
-        if timers is None or timers.pop(scope, None) is None:
+    def _unindex(self, owner: int, channel: int, scope: str) -> Timer | None:
+        channels = self._owners.get(owner)
+        if channels is None:
+            return None
+        timers = channels.get(channel)
+        if timers is None:
+            return None
+        timer = timers.pop(scope, None)
+        if timer is not None and not timers:
+            del channels[channel]
+            if not channels:
+                del self._owners[owner]
+        return timer
+
+    def remove(self, owner: int, scope: str, *, channel: int = 0) -> bool:
+        """Release ``(owner, scope, channel)``; return whether it was armed."""
+        if self._unindex(owner, channel, scope) is None:
             return False
-        if not timers:
-            del self._owners[owner]
         self._live -= 1
         self._garbage += 1
         if self._garbage > self._live + _PRUNE_FLOOR:
@@ -96,25 +128,30 @@ class DeadlineHeap:
 
     def remove_owner(self, owner: int) -> list[Timer]:
         """Release every timer of ``owner`` and return them."""
-        timers = self._owners.pop(owner, None)
-        if not timers:
+        channels = self._owners.pop(owner, None)
+        if not channels:
             return []
-        self._live -= len(timers)
-        self._garbage += len(timers)
+        removed = [t for timers in channels.values() for t in timers.values()]
+        self._live -= len(removed)
+        self._garbage += len(removed)
         if self._garbage > self._live + _PRUNE_FLOOR:
             self.prune()
-        return list(timers.values())
+        return removed
+
+    def count(self, owner: int) -> int:
+        """How many live timers ``owner`` has."""
+        return sum(len(timers) for timers in self._owners.get(owner, {}).values())
 
     def timers_of(self, owner: int) -> list[Timer]:
         """The live timers of ``owner``, in no particular order."""
-        return list(self._owners.get(owner, {}).values())
+        return [t for timers in self._owners.get(owner, {}).values() for t in timers.values()]
 
     def owners(self) -> list[int]:
         """Every owner with at least one live timer."""
         return list(self._owners)
 
     def _is_live(self, timer: Timer) -> bool:
-        timers = self._owners.get(timer[1])
+        timers = self._owners.get(timer[1], {}).get(timer[3])
         return timers is not None and timers.get(timer[2]) is timer
 
     def next_deadline(self) -> float:
@@ -128,8 +165,8 @@ class DeadlineHeap:
             self._garbage -= 1
         return math.inf
 
-    def due(self, until: float) -> list[Timer]:
-        """The live timers with ``deadline <= until``, left in place, in no particular order."""
+    def due(self, until: float, *, limit: int | None = None) -> list[Timer]:
+        """Live timers with ``deadline <= until`` (at most ``limit``), left in place, unordered."""
         heap = self._heap
         found: list[Timer] = []
         stack = [0] if heap else []
@@ -140,6 +177,8 @@ class DeadlineHeap:
                 continue
             if self._is_live(timer):
                 found.append(timer)
+                if limit is not None and len(found) >= limit:
+                    break
             child = 2 * i + 1
             if child < len(heap):
                 stack.append(child)
@@ -147,34 +186,38 @@ class DeadlineHeap:
                     stack.append(child + 1)
         return found
 
+    def pop_due(self, now: float) -> Timer | None:
+        """Remove and return the earliest live timer if its deadline is ``<= now``."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)
+            if not self._is_live(timer):
+                self._garbage -= 1
+                continue
+            self._unindex(timer[1], timer[3], timer[2])
+            self._live -= 1
+            return timer
+        return None
+
     def pop_expired(self, now: float) -> list[tuple[int, list[Timer]]]:
         """Remove and return every timer with ``deadline <= now``.
 
         Grouped by owner; groups are ordered by their earliest deadline, and the
         timers within a group earliest first.
         """
-        heap = self._heap
         groups: dict[int, list[Timer]] = {}
-        while heap and heap[0][0] <= now:
-            timer = heapq.heappop(heap)
-            owner = timer[1]
-            timers = self._owners.get(owner)
-            if timers is None or timers.get(timer[2]) is not timer:
-                self._garbage -= 1
-                continue
-            del timers[timer[2]]
-            if not timers:
-                del self._owners[owner]
-            self._live -= 1
-            group = groups.get(owner)
+        while (timer := self.pop_due(now)) is not None:
+            group = groups.get(timer[1])
             if group is None:
-                groups[owner] = [timer]
+                groups[timer[1]] = [timer]
             else:
                 group.append(timer)
         return list(groups.items())
 
     def prune(self) -> None:
         """Drop every stale entry and re-heapify: O(n), run when garbage outgrows live."""
-        self._heap = [t for ts in self._owners.values() for t in ts.values()]
+        self._heap = [
+            t for channels in self._owners.values() for ts in channels.values() for t in ts.values()
+        ]
         heapq.heapify(self._heap)
         self._garbage = 0

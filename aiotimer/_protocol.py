@@ -29,6 +29,8 @@ from ._exceptions import ProtocolError
 __all__ = [
     "ENV_DUMP_SIGNAL",
     "ENV_FD",
+    "SIGNAL_DEFAULT",
+    "SIGNAL_LOG_ONLY",
     "FRAME_MAX",
     "JSON_LINE_MAX",
     "FrameDecoder",
@@ -72,20 +74,27 @@ class Op(enum.IntEnum):
 _OPS = {op.value: op for op in Op}
 
 
+#: ``Request.signal``: the client leaves the choice of signal to the server's reaper.
+SIGNAL_DEFAULT = 0
+#: ``Request.signal``: the client asks for its expiry to be reported, never signalled
+#: (torch's clients send a signal <= 0 for that).
+SIGNAL_LOG_ONLY = -1
+
+
 class Request(NamedTuple):
     """One decoded request.
 
-    ``signal`` is what the client asked to be killed with (torch's FIFO clients
-    send one; ``None`` leaves the choice to the server's reaper; ``<= 0`` asks
-    for the expiry to be logged only).  For ``HELLO``, ``signal`` is the stack
-    dump signal.
+    ``signal`` is what the client asked to be killed with: a signal number, or
+    ``SIGNAL_DEFAULT`` (0: the server's reaper chooses) or ``SIGNAL_LOG_ONLY``
+    (-1: report the expiry, send nothing).  For ``HELLO``, ``signal`` is the
+    signal the client dumps its stacks on (0: none).
     """
 
     op: Op
     pid: int
     scope: str
     deadline: float
-    signal: int | None = None
+    signal: int = SIGNAL_DEFAULT
 
 
 def _encode(op: Op, pid: int, scope: str, value: float) -> bytes:
@@ -229,5 +238,7 @@ def decode_json_line(line: bytes) -> Request:
     if not math.isfinite(expiration):
         raise ProtocolError(f"expiration_time must be finite, got {expiration}")
     if expiration < 0:
-        return Request(Op.RELEASE, pid, scope, 0.0, signal)
-    return Request(Op.ACQUIRE_WALL, pid, scope, float(expiration), signal)
+        return Request(Op.RELEASE, pid, scope, 0.0)
+    return Request(
+        Op.ACQUIRE_WALL, pid, scope, float(expiration), signal if signal > 0 else SIGNAL_LOG_ONLY
+    )

@@ -11,7 +11,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from ._reap import Expiry
+from ._expiry import Expiry
 
 __all__ = ["MockClock", "RecordingReaper", "settle"]
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiotimer._workers import pidfd_child_watcher
+from aiotimer._loops import available_loops, pidfd_child_watcher
 
 from . import client, idle, kill, scale, throughput
 from ._stats import median, summarize_ms
@@ -35,13 +35,7 @@ SCENARIOS = ("kill", "throughput", "scale", "idle", "client")
 
 def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every loop aiotimer runs on here."""
-    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-    try:
-        import uvloop
-    except ImportError:
-        return loops
-    loops["uvloop"] = uvloop.new_event_loop
-    return loops
+    return available_loops()
 
 
 def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, Any]) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -11,24 +10,14 @@ from typing import Any
 
 import pytest
 
+from aiotimer._loops import available_loops
+
 pytest_plugins = ["aiotimer.pytest_plugin"]
-
-
-def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-        "asyncio": asyncio.new_event_loop
-    }
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
-        return factories
-    factories["uvloop"] = uvloop.new_event_loop
-    return factories
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Any]:
     """Parametrise each async test over every loop we support."""
-    return _loop_factories()
+    return available_loops()
 
 
 @pytest.fixture

@@ -174,5 +174,24 @@ def test_a_scope_cannot_be_entered_twice(client: FakeClient) -> None:
 
 
 def test_configure_rejects_non_clients() -> None:
-    with pytest.raises(TypeError, match="`client` must be a TimerClient, got 42"):
+    with pytest.raises(TypeError, match=r"`client` must be an aiotimer\.TimerClient, got 42"):
         aiotimer.configure(42)  # type: ignore[arg-type]
+
+
+class WallClockClient:
+    """A torch-style client: same two methods, but wall-clock deadlines."""
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        raise AssertionError("never reached: a wall-clock client would expire the block at once")
+
+    def release(self, scope_id: str) -> None:
+        raise AssertionError("never reached")
+
+
+def test_torch_style_clients_are_refused_not_misused() -> None:
+    # expires() sends monotonic deadlines: given to a wall-clock client, a 60 s
+    # block would have expired at once and its worker been killed.
+    with pytest.raises(TypeError, match=r"wall-clock deadlines: use it with aiotimer.compat.torch"):
+        aiotimer.configure(WallClockClient())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`client` must be an aiotimer.TimerClient"):
+        aiotimer.expires(after=60, client=WallClockClient())  # type: ignore[arg-type]

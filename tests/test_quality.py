@@ -30,3 +30,67 @@ def test_ruff_is_clean() -> None:
         pytest.skip("ruff is not installed")
     result = run(ruff, "check", "aiotimer", "tests", "benchmarks", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, ``TYPE_CHECKING`` blocks included.
+
+    Importing ``a.b.c`` runs ``a.b``'s ``__init__`` first, so that counts as an import too.
+    """
+    import ast
+
+    package = ROOT / "aiotimer"
+    modules: dict[str, Path] = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                prefix = base[: len(base) - node.level + 1] if node.level else []
+                mod = ".".join([*prefix, *([node.module] if node.module else [])])
+                targets = [mod] + [f"{mod}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            for target in targets:
+                parts = target.split(".")
+                for i in range(1, len(parts) + 1):
+                    candidate = ".".join(parts[:i])
+                    if candidate in modules and candidate != name:
+                        edges.add(candidate)
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles_type_checking_imports_included() -> None:
+    graph = _package_imports()
+    # Importing a package's own submodules from its __init__ is how it re-exports.
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not (name != "aiotimer" and t == "aiotimer")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target.startswith(node + ".") and state.get(target) != 1:
+                continue  # a package importing its own submodule
+            if state.get(target) == 1:
+                cycle = [*stack[stack.index(target) :], target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
-from aiotimer import Expiry, Reaper, SignalReaper, TimerServer
+from aiotimer import SignalReaper, TimerServer
 from aiotimer.testing import MockClock, RecordingReaper, settle
-from aiotimer.transports._local import LocalChannel
 
 ME = os.getpid()
 
@@ -30,37 +28,6 @@ async def test_timer_fires_at_its_deadline_and_never_before(
     (expired,) = recording_reaper.expiries[0].timers
     assert expired.deadline == 10.0 and expired.lag == 0.0
     assert recording_reaper.expiries[0].pid == ME
-
-
-class EarlyClock(MockClock):
-    """A clock whose alarms go off half a second early, as a loop's timer may."""
-
-    def call_later(self, delay: float, callback: Callable[[], None]):  # type: ignore[no-untyped-def]
-        return super().call_later(max(0.0, delay - 0.5), callback)
-
-
-async def test_an_early_wakeup_is_rechecked_against_the_clock() -> None:
-    clock = EarlyClock()
-    reaper = RecordingReaper()
-    async with TimerServer(clock=clock, reaper=reaper) as server:
-        server.local_channel().acquire(ME, "step", 10.0)
-        await clock.advance(9.5)  # the alarm fires now, half a second early
-        assert reaper.expiries == []
-        assert server.statistics().wakeups >= 1
-        await clock.advance(0.5)
-        assert reaper.scopes == [["step"]]
-        assert reaper.expiries[0].timers[0].lag >= 0
-
-
-async def test_an_earlier_deadline_rearms_the_alarm(
-    timer_server: TimerServer, mock_clock: MockClock, recording_reaper: RecordingReaper
-) -> None:
-    channel = timer_server.local_channel()
-    channel.acquire(ME, "late", 100.0)
-    await settle()
-    channel.acquire(ME, "early", 5.0)
-    await mock_clock.advance(5.0)
-    assert recording_reaper.scopes == [["early"]]
 
 
 async def test_release_disarms_and_reacquire_replaces(
@@ -93,16 +60,6 @@ async def test_wall_clock_deadlines_are_converted_once_on_receipt(
     assert recording_reaper.scopes == [["torch-style"]]
 
 
-async def test_no_wakeups_while_no_deadline_is_due(
-    timer_server: TimerServer, mock_clock: MockClock
-) -> None:
-    await mock_clock.advance(3600.0)
-    assert timer_server.statistics().wakeups == 0
-    timer_server.local_channel().acquire(ME, "in an hour", mock_clock.now() + 3600.0)
-    await mock_clock.advance(3599.0)
-    assert timer_server.statistics().wakeups == 0
-
-
 async def test_one_reaper_call_per_process_with_all_its_expired_scopes(
     timer_server: TimerServer,
     mock_clock: MockClock,
@@ -122,51 +79,6 @@ async def test_one_reaper_call_per_process_with_all_its_expired_scopes(
     ]
     # The process being reaped loses its other timers too (it is being killed).
     assert timer_server.statistics().active_timers == 0
-
-
-async def test_a_failing_reaper_is_logged_and_retried_with_backoff(
-    mock_clock: MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    reaper = RecordingReaper(fail_times=2)
-    async with TimerServer(clock=mock_clock, reaper=reaper) as server:
-        channel = server.local_channel()
-        channel.acquire(ME, "step", 1.0)
-        await mock_clock.advance(1.0)
-        assert reaper.calls == 1 and reaper.expiries == []
-        await mock_clock.advance(0.05)
-        assert reaper.calls == 2
-        await mock_clock.advance(0.1)
-        assert reaper.calls == 3 and reaper.scopes == [["step"]]
-        assert server.statistics().reaper_errors == 2
-        assert "reaper failure 1 of 2 (on purpose)" in caplog.text
-        # The server keeps serving.
-        channel.acquire(ME, "next", mock_clock.now() + 1.0)
-        await mock_clock.advance(1.0)
-        assert reaper.scopes[-1] == ["next"]
-
-
-async def test_a_reaper_that_always_fails_is_given_up_on(mock_clock: MockClock) -> None:
-    reaper = RecordingReaper(fail_times=100)
-    async with TimerServer(clock=mock_clock, reaper=reaper, reap_attempts=3) as server:
-        server.local_channel().acquire(ME, "step", 1.0)
-        await mock_clock.advance(1.0)
-        for _ in range(5):
-            await mock_clock.advance(5.0)
-        assert reaper.calls == 3
-        assert server.running
-
-
-async def test_async_reapers_are_awaited(mock_clock: MockClock) -> None:
-    seen: list[str] = []
-
-    async def reaper(expiry: Expiry) -> None:
-        await asyncio.sleep(0)
-        seen.extend(t.scope for t in expiry.timers)
-
-    async with TimerServer(clock=mock_clock, reaper=reaper) as server:
-        server.local_channel().acquire(ME, "s", 1.0)
-        await mock_clock.advance(1.0)
-    assert seen == ["s"]
 
 
 async def test_requested_signal_zero_only_logs(
@@ -278,60 +190,6 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
         TimerServer(clock=object())  # type: ignore[arg-type]
 
 
-@contextlib.asynccontextmanager
-async def _two_expire_together(
-    clock: MockClock, reaper: Reaper, sleeper: Callable[[], subprocess.Popen[bytes]]
-) -> AsyncIterator[tuple[LocalChannel, int, int]]:
-    """A server whose two processes ``a`` and ``b`` have just expired in one burst."""
-    a, b = sleeper().pid, sleeper().pid
-    async with TimerServer(clock=clock, reaper=reaper) as server:
-        channel = server.local_channel(pids=[a, b])
-        channel.acquire(a, "s", 1.0)
-        channel.acquire(b, "s", 1.0)
-        await clock.advance(1.0)
-        yield channel, a, b
-
-
-async def test_a_burst_prepares_every_process_before_reaping_any(
-    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
-) -> None:
-    calls: list[tuple[str, int]] = []
-
-    class Preparing(RecordingReaper):
-        def prepare(self, expiry: Expiry) -> None:
-            calls.append(("prepare", expiry.pid))
-
-        def __call__(self, expiry: Expiry) -> None:
-            calls.append(("reap", expiry.pid))
-            super().__call__(expiry)
-
-    async with _two_expire_together(mock_clock, Preparing(), sleeper) as (channel, a, b):
-        # A lone expiry needs no preparing.
-        channel.acquire(a, "t", 2.0)
-        await mock_clock.advance(1.0)
-    assert calls == [("prepare", a), ("prepare", b), ("reap", a), ("reap", b), ("reap", a)]
-
-
-async def test_sigkill_victims_of_a_burst_are_moved_to_sched_batch_first(
-    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
-) -> None:
-    policies: dict[int, int] = {}
-
-    class Observing(SignalReaper):
-        def __call__(self, expiry: Expiry):  # type: ignore[no-untyped-def]
-            policies[expiry.pid] = os.sched_getscheduler(expiry.pid)
-            return super().__call__(expiry)
-
-    procs = [sleeper(), sleeper()]
-    async with TimerServer(clock=mock_clock, reaper=Observing()) as server:
-        channel = server.local_channel(pids=[p.pid for p in procs])
-        for p in procs:
-            channel.acquire(p.pid, "s", 1.0)
-        await mock_clock.advance(1.0)
-    assert policies == {p.pid: os.SCHED_BATCH for p in procs}
-    assert [p.wait(timeout=30) for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
-
-
 async def test_the_server_wakes_just_before_a_deadline_to_warm_up_and_never_acts_early(
     timer_server: TimerServer, mock_clock: MockClock, recording_reaper: RecordingReaper
 ) -> None:
@@ -344,45 +202,3 @@ async def test_the_server_wakes_just_before_a_deadline_to_warm_up_and_never_acts
     await mock_clock.advance(0.0011)  # (9.998 + 0.001 + 0.001 falls short of 10 in floats)
     assert recording_reaper.scopes == [["step"]]
     assert timer_server.statistics().wakeups == 2
-
-
-async def test_an_error_while_expiring_is_logged_and_the_watchdog_keeps_going(
-    timer_server: TimerServer,
-    mock_clock: MockClock,
-    recording_reaper: RecordingReaper,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    claim = timer_server._claim
-    failures = [RuntimeError("a bug, on purpose")]
-
-    def failing_once(*args: object) -> object:
-        if failures:
-            raise failures.pop()
-        return claim(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(timer_server, "_claim", failing_once)
-    channel = timer_server.local_channel()
-    channel.acquire(ME, "lost to the bug", 1.0)
-    await mock_clock.advance(1.0)
-    assert "handling expired timers failed" in caplog.text
-    channel.acquire(ME, "next", 2.0)
-    await mock_clock.advance(1.0)
-    assert recording_reaper.scopes == [["next"]]
-
-
-async def test_a_burst_blocks_sigchld_only_while_it_signals(
-    mock_clock: MockClock, sleeper: Callable[[], subprocess.Popen[bytes]]
-) -> None:
-    masks: list[set[signal.Signals]] = []
-
-    class Observing(RecordingReaper):
-        def __call__(self, expiry: Expiry) -> None:
-            masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-            super().__call__(expiry)
-
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    async with _two_expire_together(mock_clock, Observing(), sleeper):
-        pass
-    assert [signal.SIGCHLD in m for m in masks] == [True, True]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -242,7 +242,7 @@ async def test_pidfd_child_watcher_reaps_children_without_a_thread_each() -> Non
     import threading
     import warnings
 
-    from aiotimer._workers import pidfd_child_watcher
+    from aiotimer._loops import pidfd_child_watcher
 
     def waitpid_threads() -> int:
         return sum("waitpid-" in t.name for t in threading.enumerate())

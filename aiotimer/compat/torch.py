@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .._events import KILL_WORKER_PROCESS, TIMER_EXPIRED, logger
+from .._expiry import Expiry, Reaper
 from .._protocol import encode_json_request
-from .._reap import Expiry, Reaper, SignalReaper
+from .._reapers import SignalReaper
 from .._server import TimerServer
 from ..transports.fifo import listen_fifo
 from ..transports.mpqueue import bridge_queue

@@ -1,31 +1,82 @@
-"""What every transport shares: a channel of requests, and who may use it for whom."""
+"""What every transport shares: a channel of requests, where it sends them, who hosts it.
+
+A transport reads bytes, decodes them with ``_protocol`` and hands the requests
+to a ``RequestSink``; it never reaches into the server.  ``Host`` is what a
+listener needs of the server it is attached to.
+"""
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from .._protocol import Request
 
 if TYPE_CHECKING:
-    from .._server import TimerServer
-    from .._workers import WatchedProcess
+    from .._workers import Worker
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "Host", "Listener", "RequestSink"]
+
+_channel_ids = itertools.count(1)
+
+
+class RequestSink(Protocol):
+    """Where a transport delivers what it decoded (the server's dispatcher)."""
+
+    def dispatch(
+        self, channel: Channel, requests: Sequence[Request], errors: Sequence[str] = ()
+    ) -> None:
+        """Apply ``requests`` from ``channel``; each of ``errors`` is a rejected request."""
+
+    def channel_closed(self, channel: Channel) -> None:
+        """``channel`` will deliver nothing more."""
+
+
+class Listener(Protocol):
+    """Something a server closes when it closes (a FIFO listener, a queue bridge)."""
+
+    async def aclose(self) -> None:
+        """Stop listening and release what it holds."""
+
+
+class Host(Protocol):
+    """What a transport needs of the server it feeds (``TimerServer`` is one)."""
+
+    @property
+    def sink(self) -> RequestSink:
+        """Where requests go."""
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the server runs on; raises ``RuntimeError`` if it is not running."""
+
+    def add_listener(self, listener: Listener) -> None:
+        """Close ``listener`` when the server closes."""
 
 
 class Channel(abc.ABC):
     """One source of requests feeding a server.
 
-    A channel caches the processes its requests named, so the entitlement
-    check (may this sender arm a timer that kills that pid?) runs once per
-    process, not once per request.
+    Each request names a pid; the first time a channel names one, the server
+    asks ``entitled(pid)`` whether this channel's senders may arm timers that
+    kill it.  ``revalidate`` channels carry bare pids with no greeting from a
+    new process, so a known pid is re-checked (is it still the same process?)
+    on every request.
     """
 
     #: shown in logs and events
     name: str = "channel"
+    #: re-check on every request that a known pid is still the same process
+    revalidate: bool = False
+    #: the spawned worker whose pipe this is, if any
+    worker: Worker | None = None
 
-    def __init__(self, server: TimerServer) -> None:
-        self.server = server
-        self.processes: dict[int, WatchedProcess] = {}
+    def __init__(self, sink: RequestSink) -> None:
+        self.sink = sink
+        #: unique in this process; heap entries record it
+        self.id = next(_channel_ids)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -4,36 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from .._process import descends_from, process_uid
-from .._protocol import Op, Request
-from ._base import Channel
+from .._processes import descendant_of
+from .._protocol import SIGNAL_DEFAULT, SIGNAL_LOG_ONLY, Op, Request
+from .._validate import check_signal
+from ._base import Channel, RequestSink
 
-if TYPE_CHECKING:
-    from .._server import TimerServer
-
-__all__ = ["LocalChannel", "default_entitlement", "foreign_entitlement"]
-
-
-def default_entitlement(pid: int, roots: frozenset[int]) -> str | None:
-    """Entitled: a process of this user that is, or descends from, one of ``roots``."""
-    uid = process_uid(pid)
-    if uid is None:
-        return f"pid {pid} does not exist"
-    if uid != os.getuid():
-        return f"pid {pid} belongs to uid {uid}, not to this server's uid {os.getuid()}"
-    if not descends_from(pid, roots):
-        names = ", ".join(str(r) for r in sorted(roots))
-        return f"pid {pid} does not descend from the server or a configured root ({names})"
-    return None
-
-
-def foreign_entitlement(pid: int, roots: frozenset[int]) -> str | None:
-    """For requests from other processes (FIFO, queue): as above, and never the server."""
-    if pid == os.getpid():
-        return f"pid {pid} is the timer server itself"
-    return default_entitlement(pid, roots)
+__all__ = ["LocalChannel"]
 
 
 class LocalChannel(Channel):
@@ -41,17 +18,18 @@ class LocalChannel(Channel):
 
     By default a request may name this process or any process of this user
     that descends from it (or from ``roots``); ``pids`` admits exactly those.
+    Deadlines are on the server's clock (``wall=True``: the wall clock).
     """
 
     def __init__(
         self,
-        server: TimerServer,
+        sink: RequestSink,
         *,
         roots: Iterable[int] = (),
         pids: Iterable[int] | None = None,
         name: str = "local channel",
     ) -> None:
-        super().__init__(server)
+        super().__init__(sink)
         self.name = name
         self.roots = frozenset((os.getpid(), *roots))
         self.pids = None if pids is None else frozenset(pids)
@@ -60,11 +38,11 @@ class LocalChannel(Channel):
         """See the class docstring."""
         if self.pids is not None:
             return None if pid in self.pids else f"pid {pid} is not one this channel admits"
-        return default_entitlement(pid, self.roots)
+        return descendant_of(pid, self.roots)
 
     def submit(self, requests: Iterable[Request], errors: Iterable[str] = ()) -> None:
         """Apply ``requests`` now; each error string is logged as a rejection."""
-        self.server._dispatch(self, list(requests), list(errors))
+        self.sink.dispatch(self, list(requests), list(errors))
 
     def acquire(
         self,
@@ -75,9 +53,19 @@ class LocalChannel(Channel):
         wall: bool = False,
         signal: int | None = None,
     ) -> None:
-        """Arm ``(pid, scope)`` until ``deadline`` (the server clock's time, or wall time)."""
+        """Arm ``(pid, scope)`` until ``deadline`` (the server clock's time, or wall time).
+
+        ``signal``: what to kill it with (``None``: the reaper's choice; ``<= 0``,
+        as in torch: report the expiry, signal nothing).
+        """
+        if signal is None:
+            sig = SIGNAL_DEFAULT
+        elif isinstance(signal, int) and signal <= 0:
+            sig = SIGNAL_LOG_ONLY
+        else:
+            sig = int(check_signal("signal", signal))
         op = Op.ACQUIRE_WALL if wall else Op.ACQUIRE
-        self.submit([Request(op, pid, scope, deadline, signal)])
+        self.submit([Request(op, pid, scope, deadline, sig)])
 
     def release(self, pid: int, scope: str) -> None:
         """Disarm ``(pid, scope)``."""

@@ -7,12 +7,11 @@ import os
 from typing import TYPE_CHECKING
 
 from .._events import logger
-from .._process import descends_from
+from .._linux import descends_from
 from .._protocol import FrameDecoder
-from ._base import Channel
+from ._base import Channel, RequestSink
 
 if TYPE_CHECKING:
-    from .._server import TimerServer
     from .._workers import Worker
 
 __all__ = ["PipeChannel"]
@@ -32,13 +31,13 @@ class PipeChannel(Channel):
 
     def __init__(
         self,
-        server: TimerServer,
+        sink: RequestSink,
         worker: Worker,
         read_fd: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        super().__init__(server)
-        self.worker = worker
+        super().__init__(sink)
+        self.worker: Worker = worker
         self.name = f"pipe of worker {worker.pid}"
         self._fd = read_fd
         self._loop = loop
@@ -73,10 +72,10 @@ class PipeChannel(Channel):
                     self._decoder.pending,
                 )
             self.close()
-            self.server._channel_closed(self)
+            self.sink.channel_closed(self)
             return
         requests, errors = self._decoder.feed(data)
-        self.server._dispatch(self, requests, errors)
+        self.sink.dispatch(self, requests, errors)
 
     def close(self) -> None:
         """Stop reading and close the read end."""

@@ -24,20 +24,32 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .._events import logger
 from .._exceptions import ProtocolError
+from .._processes import foreign_descendant_of
 from .._protocol import JSON_LINE_MAX, Request, decode_json_line
-from ._base import Channel
-from ._local import foreign_entitlement
+from ._base import Channel, Host, RequestSink
 
-if TYPE_CHECKING:
-    from .._server import TimerServer
-
-__all__ = ["FifoListener", "listen_fifo"]
+__all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
 
 _READ_SIZE = 1024 * 1024
+
+
+def check_fifo_path(path: str | os.PathLike[str], name: str = "file_path") -> bool:
+    """Whether a FIFO exists at ``path``; ``FileExistsError`` if something else does.
+
+    A path that exists and is not a FIFO is never replaced (torch deletes it).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISFIFO(st.st_mode):
+        raise FileExistsError(
+            f"`{name}` {os.fspath(path)!r} exists and is not a FIFO; refusing to replace it"
+        )
+    return True
 
 
 def _pipe_max_size() -> int:
@@ -53,15 +65,18 @@ class FifoListener(Channel):
     Create it with ``await listen_fifo(server, path)``; it closes with the server.
     """
 
+    # torch's clients send bare pids and no greeting: a known pid is re-checked.
+    revalidate = True
+
     def __init__(
         self,
-        server: TimerServer,
+        sink: RequestSink,
         path: str | os.PathLike[str],
         *,
         roots: Iterable[int] = (),
         mode: int = 0o600,
     ) -> None:
-        super().__init__(server)
+        super().__init__(sink)
         self.path = Path(path)
         self.name = f"FIFO {self.path}"
         self.roots = frozenset((os.getpid(), *roots))
@@ -75,22 +90,12 @@ class FifoListener(Channel):
 
     def entitled(self, pid: int) -> str | None:
         """A process of this user descending from the server or a root; never the server."""
-        return foreign_entitlement(pid, self.roots)
+        return foreign_descendant_of(pid, self.roots)
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Create the FIFO and start reading it (returns once clients can connect)."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISFIFO(st.st_mode):
-                raise FileExistsError(
-                    f"`file_path` {str(self.path)!r} exists and is not a FIFO; refusing to "
-                    "replace it"
-                )
-            # A FIFO left behind by an earlier server: replace it.
-            os.unlink(self.path)
+        if check_fifo_path(self.path):
+            os.unlink(self.path)  # a FIFO left behind by an earlier server: replace it
         os.mkfifo(self.path, self._mode)
         os.chmod(self.path, self._mode)  # mkfifo applies the umask
         self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -113,7 +118,7 @@ class FifoListener(Channel):
         if not data:
             return
         requests, errors = self._decode(data)
-        self.server._dispatch(self, requests, errors)
+        self.sink.dispatch(self, requests, errors)
 
     def _decode(self, data: bytes) -> tuple[list[Request], list[str]]:
         requests: list[Request] = []
@@ -162,7 +167,7 @@ class FifoListener(Channel):
 
 
 async def listen_fifo(
-    server: TimerServer,
+    server: Host,
     path: str | os.PathLike[str],
     *,
     roots: Iterable[int] = (),
@@ -173,8 +178,8 @@ async def listen_fifo(
     ``roots``: pids (a torchrun agent, say) whose descendants may be named in
     requests, besides the server's own descendants.
     """
-    loop = server._require_running()
-    listener = FifoListener(server, path, roots=roots, mode=mode)
+    loop = server.running_loop()
+    listener = FifoListener(server.sink, path, roots=roots, mode=mode)
     listener.open(loop)
     server.add_listener(listener)
     return listener

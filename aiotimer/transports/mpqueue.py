@@ -12,15 +12,12 @@ import multiprocessing.queues
 import os
 import queue as _queue
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._events import logger
+from .._processes import foreign_descendant_of
 from .._protocol import Op, Request
-from ._base import Channel
-from ._local import foreign_entitlement
-
-if TYPE_CHECKING:
-    from .._server import TimerServer
+from ._base import Channel, Host, RequestSink
 
 __all__ = ["QueueBridge", "bridge_queue", "request_from_torch"]
 
@@ -49,14 +46,17 @@ def request_from_torch(item: Any) -> Request:
 class QueueBridge(Channel):
     """Feeds a server from a ``multiprocessing.Queue`` that torch clients ``put`` to."""
 
+    # torch's clients send bare pids and no greeting: a known pid is re-checked.
+    revalidate = True
+
     def __init__(
         self,
-        server: TimerServer,
+        sink: RequestSink,
         mp_queue: multiprocessing.queues.Queue[Any],
         *,
         roots: Iterable[int] = (),
     ) -> None:
-        super().__init__(server)
+        super().__init__(sink)
         self.name = "multiprocessing queue"
         self.queue = mp_queue
         self.roots = frozenset((os.getpid(), *roots))
@@ -65,7 +65,7 @@ class QueueBridge(Channel):
 
     def entitled(self, pid: int) -> str | None:
         """A process of this user descending from the server or a root; never the server."""
-        return foreign_entitlement(pid, self.roots)
+        return foreign_descendant_of(pid, self.roots)
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start watching the queue's pipe."""
@@ -95,7 +95,7 @@ class QueueBridge(Channel):
             assert self._loop is not None
             self._loop.call_soon(self._readable)  # more waiting; let others run first
         if requests or errors:
-            self.server._dispatch(self, requests, errors)
+            self.sink.dispatch(self, requests, errors)
 
     def close(self) -> None:
         """Stop watching the queue (the queue itself belongs to the caller)."""
@@ -110,14 +110,14 @@ class QueueBridge(Channel):
 
 
 async def bridge_queue(
-    server: TimerServer,
+    server: Host,
     mp_queue: multiprocessing.queues.Queue[Any],
     *,
     roots: Iterable[int] = (),
 ) -> QueueBridge:
     """Serve torch ``LocalTimerClient`` requests put on ``mp_queue``."""
-    loop = server._require_running()
-    bridge = QueueBridge(server, mp_queue, roots=roots)
+    loop = server.running_loop()
+    bridge = QueueBridge(server.sink, mp_queue, roots=roots)
     bridge.open(loop)
     server.add_listener(bridge)
     return bridge

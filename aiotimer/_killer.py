@@ -1,0 +1,365 @@
+"""Where a kill is decided: the expiry burst, reaper follow-ups and retries.
+
+When deadlines pass, ``Killer.expire`` pops the due timers and calls each
+process's reaper once, with every timer of it that expired.  Signals go out
+first, in one burst, before any bookkeeping, logging or event: with many
+processes expiring together, each is signalled as close to its deadline as the
+machine allows.  A process is signalled as soon as its first due timer is
+popped (in chunks of ``CHUNK`` timers), never after popping everything due.
+A reaper that returns an awaitable is followed up in a task; one that raises is
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal as _signal
+from collections.abc import Awaitable, Coroutine, Iterator
+from typing import Any
+
+from ._clock import Clock
+from ._events import Counters, EventBus, KillWorkerProcess, TimerExpired, logger
+from ._expiry import Expiry, Reaper
+from ._heap import DeadlineHeap, Timer
+from ._linux import pidfd_alive
+from ._processes import ProcessRegistry, WatchedProcess
+
+__all__ = ["CHUNK", "Killer", "backoff"]
+
+#: Timers popped between two rounds of signals in a burst.
+CHUNK = 64
+#: Most heap entries a warm-up pass looks at.
+WARM_UP_LIMIT = 4096
+
+_CHILD_SIGNALS = frozenset({_signal.SIGCHLD})
+
+# One reaper call made in a burst: reaper, expiry, process, what it returned, what it raised.
+_Call = tuple[Reaper, Expiry, WatchedProcess, object, Exception | None]
+
+
+def backoff(first: float = 0.05, factor: float = 2.0, cap: float = 2.0) -> Iterator[float]:
+    """Delays between retries: ``first``, then ``factor`` times as long, at most ``cap``."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * factor, cap)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def _requested_signal(timers: list[Timer]) -> int | None:
+    """The signal the clients asked for: the first > 0 in expiry order, as torch does.
+
+    ``None`` leaves the choice to the reaper (a timer said nothing); 0 means
+    every timer asked for the expiry only to be reported.
+    """
+    for timer in timers:
+        if timer.signal > 0:
+            return timer.signal
+        if timer.signal == 0:
+            return None
+    return 0
+
+
+class Killer:
+    """Decides and carries out what happens to processes whose timers expired."""
+
+    def __init__(
+        self,
+        heap: DeadlineHeap,
+        registry: ProcessRegistry,
+        clock: Clock,
+        counters: Counters,
+        events: EventBus,
+        *,
+        reaper: Reaper,
+        attempts: int,
+    ) -> None:
+        self._heap = heap
+        self._registry = registry
+        self._clock = clock
+        self._counters = counters
+        self._events = events
+        self.reaper = reaper
+        self._attempts = attempts
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # During a burst: first signals, accounted for once the burst is over.
+        self._kill_events: list[tuple[Expiry, int, float]] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run follow-ups on ``loop``."""
+        self._loop = loop
+
+    async def aclose(self) -> None:
+        """Cancel every follow-up still running."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- before the burst ----------------------------------------------------
+
+    def warm_up(self, deadline: float) -> None:
+        """Touch what expiring at ``deadline`` will need, so it is in cache then.
+
+        Idle for a while, the machine evicts the server's data and code from
+        the CPU caches; cold, a 64-process expiry takes twice as long.  This pass
+        is read-only (a timer released in the meantime costs nothing), looks at
+        a bounded number of heap entries, and makes one syscall per process.
+        """
+        by_id = self._registry.by_id
+        seen: set[int] = set()
+        for timer in self._heap.due(deadline, limit=WARM_UP_LIMIT):
+            owner = timer.owner
+            if owner in seen:
+                continue
+            seen.add(owner)
+            process = by_id.get(owner)
+            if process is not None and process.pidfd >= 0:
+                # The same syscall as the kill, with signal 0: warms the kernel side too.
+                pidfd_alive(process.pidfd)
+
+    # -- the burst -----------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Act on every timer due at ``now``: signals first, then bookkeeping and events."""
+        by_id = self._registry.by_id
+        pop = self._heap.pop_due
+        groups: dict[int, list[Timer]] = {}  # owner -> its due timers, earliest first
+        expiries: dict[int, Expiry] = {}
+        undecided: list[tuple[Expiry, WatchedProcess]] = []
+        calls: list[_Call] = []
+        kill_events: list[tuple[Expiry, int, float]] = []
+        self._kill_events = kill_events
+        # The first victims die while the rest are being signalled; their
+        # SIGCHLDs would interrupt the burst (uvloop handles them), so they
+        # wait until it is over.
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            more = True
+            while more:
+                # On the kill path: every microsecond here delays a signal, so
+                # the loop keeps to locals and builds nothing it can defer.
+                victims: list[tuple[Expiry, WatchedProcess]] = []
+                for _ in range(CHUNK):
+                    timer = pop(now)
+                    if timer is None:
+                        more = False
+                        break
+                    owner = timer[1]
+                    group = groups.get(owner)
+                    if group is not None:  # the expiry sees it: the list is shared
+                        group.append(timer)
+                        continue
+                    group = groups[owner] = [timer]
+                    process = by_id.get(owner)
+                    if process is None or process.exited:
+                        continue  # reported, not reaped
+                    signal = timer[4]
+                    expiry = Expiry(
+                        process,
+                        group,
+                        now,
+                        signal if signal > 0 else None,
+                        self._signalled,
+                        self._clock,
+                    )
+                    expiries[owner] = expiry
+                    if signal < 0:  # decided once all its due timers are in
+                        undecided.append((expiry, process))
+                    else:
+                        victims.append((expiry, process))
+                self._reap(victims, calls)
+            decided: list[tuple[Expiry, WatchedProcess]] = []
+            for expiry, process in undecided:
+                requested = _requested_signal(groups[process.id])
+                if requested == 0:
+                    logger.info("pid %d asked for no signal on expiry; not reaping", process.pid)
+                    continue
+                expiry.requested_signal = requested
+                decided.append((expiry, process))
+            self._reap(decided, calls)
+        finally:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+            self._kill_events = None
+        for call in calls:
+            self._reaper_called(*call)
+        self._report(now, groups)
+        for expiry, sig, at in kill_events:
+            self._killed(expiry, sig, at)
+
+    def _reap(self, victims: list[tuple[Expiry, WatchedProcess]], calls: list[_Call]) -> None:
+        """Call the reaper of each victim not already being reaped; record what it returned."""
+        burst: list[tuple[Reaper, Expiry, WatchedProcess]] = []
+        default = self.reaper
+        for expiry, process in victims:
+            if process.reaping:
+                continue
+            process.reaping = True
+            worker = process.worker
+            reaper = (worker.reaper if worker is not None else None) or default
+            burst.append((reaper, expiry, process))
+        if len(burst) > 1:
+            self._prepare(burst)
+        append = calls.append
+        for reaper, expiry, process in burst:
+            try:
+                append((reaper, expiry, process, reaper(expiry), None))
+            except Exception as exc:
+                append((reaper, expiry, process, None, exc))
+
+    @staticmethod
+    def _prepare(burst: list[tuple[Reaper, Expiry, WatchedProcess]]) -> None:
+        """Call each reaper's optional ``prepare(expiry)`` before any of them reaps."""
+        for reaper, expiry, _ in burst:
+            prepare = getattr(reaper, "prepare", None)
+            if prepare is None:
+                continue
+            try:
+                prepare(expiry)
+            except Exception:
+                logger.exception("reaper %r failed to prepare pid %d", reaper, expiry.pid)
+
+    # -- after the burst -----------------------------------------------------
+
+    def _report(self, now: float, groups: dict[int, list[Timer]]) -> None:
+        """Count, log and emit every timer that expired, in torch's order."""
+        counters = self._counters
+        events = self._events
+        by_id = self._registry.by_id
+        for owner, timers in groups.items():
+            process = by_id.get(owner)
+            pid = process.pid if process is not None else None
+            for timer in timers:
+                lag = now - timer.deadline
+                counters.expiries += 1
+                counters.record_lag(lag)
+                logger.warning(
+                    "timer %r of pid %s expired (%.3f ms after its deadline)",
+                    timer.scope,
+                    pid,
+                    lag * 1e3,
+                )
+                if events:
+                    events.emit(TimerExpired(pid, timer.scope, timer.deadline, lag))
+
+    def _reaper_called(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        result: object,
+        error: Exception | None,
+    ) -> None:
+        """Book-keep a reaper call made in a burst; follow up on what it returned."""
+        # The process is being killed: its other timers go with it.
+        self._heap.remove_owner(process.id)
+        worker = process.worker
+        if worker is not None and worker.pid == process.pid:
+            worker.expired_scopes.extend(t.scope for t in expiry.timers)
+        if error is not None:
+            self._reaper_failed(reaper, expiry, 1, error)
+            self._follow_up(reaper, expiry, process, None, 2)
+        elif isinstance(result, Awaitable):
+            self._follow_up(reaper, expiry, process, result, 1)
+        else:
+            process.reaping = False
+
+    def _follow_up(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        pending: Awaitable[object] | None,
+        attempt: int,
+    ) -> None:
+        assert self._loop is not None
+        coro: Coroutine[Any, Any, None] = self._retry(reaper, expiry, process, pending, attempt)
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reaper_failed(
+        self, reaper: Reaper, expiry: Expiry, attempt: int, error: BaseException
+    ) -> None:
+        self._counters.reaper_errors += 1
+        logger.error(
+            "reaper %r failed for pid %d (attempt %d of %d)",
+            reaper,
+            expiry.pid,
+            attempt,
+            self._attempts,
+            exc_info=error,
+        )
+
+    async def _retry(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        pending: Awaitable[object] | None,
+        attempt: int,
+    ) -> None:
+        """Finish a reaper call that returned an awaitable, and retry failures with backoff."""
+        delays = backoff()
+        try:
+            while True:
+                if pending is not None:
+                    try:
+                        await pending
+                        return
+                    except Exception as exc:
+                        self._reaper_failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                if expiry.exited or attempt > self._attempts:
+                    break
+                await expiry.sleep(next(delays))
+                try:
+                    result = reaper(expiry)
+                except Exception as exc:
+                    self._reaper_failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                    pending = None
+                    continue
+                if not isinstance(result, Awaitable):
+                    return
+                pending = result
+            if not expiry.exited:
+                logger.error("gave up reaping pid %d; it is still running", expiry.pid)
+        finally:
+            process.reaping = False
+
+    # -- kills -----------------------------------------------------------------
+
+    def _signalled(self, expiry: Expiry, sig: int) -> None:
+        if len(expiry.signals_sent) != 1:
+            return
+        at = self._clock.now()
+        if self._kill_events is not None:  # in a burst: account for it after the burst
+            self._kill_events.append((expiry, sig, at))
+        else:
+            self._killed(expiry, sig, at)
+
+    def _killed(self, expiry: Expiry, sig: int, at: float) -> None:
+        """Account for the first signal sent to ``expiry``'s process, at time ``at``."""
+        latency = at - expiry.deadline
+        self._counters.kills += 1
+        self._counters.record_decision(latency)
+        worker = expiry.worker
+        if worker is not None and worker.pid == expiry.pid:
+            worker.killed_by_watchdog = True
+        logger.warning(
+            "sent %s to pid %d (%.3f ms after its deadline)",
+            _signal_name(sig),
+            expiry.pid,
+            latency * 1e3,
+        )
+        if self._events:
+            scopes = [t.scope for t in expiry.timers]
+            self._events.emit(KillWorkerProcess(expiry.pid, sig, scopes, latency))

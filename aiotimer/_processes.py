@@ -1,0 +1,272 @@
+"""The processes a server watches, and who may arm a timer that kills which of them.
+
+``ProcessRegistry`` is the one place a process is known: by pid (the live
+process with that pid) and by id (what heap entries name as their owner).  A
+process is held by a pidfd, so its pid cannot be reused under us, and its exit
+is seen on the loop (a pidfd turns readable) with no thread and no polling; an
+exited process is forgotten here, in one place.
+
+Entitlement: a request names a pid.  Before the first timer for a pid is
+armed, the channel it arrived on says whether its senders may name that pid
+(``Applicant.entitled``); the rules it draws on are the functions below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from ._linux import (
+    ProcessGone,
+    descends_from,
+    open_pidfd,
+    pidfd_alive,
+    pidfd_signal,
+    process_uid,
+)
+
+if TYPE_CHECKING:
+    from ._workers import Worker
+
+__all__ = [
+    "Applicant",
+    "ProcessRegistry",
+    "WatchedProcess",
+    "descendant_of",
+    "foreign_descendant_of",
+]
+
+
+# -- entitlement rules ---------------------------------------------------------
+
+
+def descendant_of(pid: int, roots: frozenset[int]) -> str | None:
+    """``None`` if ``pid`` is this user's and is, or descends from, one of ``roots``."""
+    uid = process_uid(pid)
+    if uid is None:
+        return f"pid {pid} does not exist"
+    if uid != os.getuid():
+        return f"pid {pid} belongs to uid {uid}, not to this server's uid {os.getuid()}"
+    if not descends_from(pid, roots):
+        names = ", ".join(str(r) for r in sorted(roots))
+        return f"pid {pid} does not descend from the server or a configured root ({names})"
+    return None
+
+
+def foreign_descendant_of(pid: int, roots: frozenset[int]) -> str | None:
+    """For requests from other processes (FIFO, queue): as above, and never the server."""
+    if pid == os.getpid():
+        return f"pid {pid} is the timer server itself"
+    return descendant_of(pid, roots)
+
+
+class Applicant(Protocol):
+    """What admission needs of a channel: its id, its worker (if any), its rules."""
+
+    @property
+    def id(self) -> int:
+        """The channel's id, unique in this process."""
+
+    @property
+    def worker(self) -> Worker | None:
+        """The spawned worker whose pipe this is, if any."""
+
+    def entitled(self, pid: int) -> str | None:
+        """``None`` if requests on this channel may name ``pid``, else the reason not."""
+
+
+# -- watched processes -----------------------------------------------------------
+
+
+class WatchedProcess:
+    """A process known to the server, held by a pidfd so its pid cannot be reused under us."""
+
+    __slots__ = (
+        "_exit_future",
+        "_loop",
+        "_on_exit",
+        "channels",
+        "dump_signal",
+        "exited",
+        "id",
+        "pid",
+        "pidfd",
+        "reaping",
+        "returncode",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        process_id: int,
+        pid: int,
+        pidfd: int,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[WatchedProcess], None],
+        worker: Worker | None,
+    ) -> None:
+        self.id = process_id
+        self.pid = pid
+        self.pidfd = pidfd
+        self.worker = worker
+        self.exited = False
+        #: a reaper is at work on it: further expiries do not call another
+        self.reaping = False
+        #: the signal on which it said it dumps its stacks (0: it did not say)
+        self.dump_signal = 0
+        #: ids of the channels it was admitted on
+        self.channels: set[int] = set()
+        #: exit status, for a child of the server whose status could be read
+        self.returncode: int | None = None
+        self._loop = loop
+        self._on_exit = on_exit
+        self._exit_future: asyncio.Future[None] | None = None
+        loop.add_reader(pidfd, self._exited)
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else ("reaping" if self.reaping else "running")
+        return f"<WatchedProcess pid={self.pid} {state}>"
+
+    def _exited(self) -> None:
+        if self.exited:
+            return
+        self.exited = True
+        self.returncode = _exit_status(self.pidfd)
+        self.close()
+        if self._exit_future is not None and not self._exit_future.done():
+            self._exit_future.set_result(None)
+        self._on_exit(self)
+
+    def gone(self) -> bool:
+        """Whether it has exited, asking the kernel rather than waiting for the loop to say so."""
+        if self.exited:
+            return True
+        if pidfd_alive(self.pidfd):
+            return False
+        self._exited()
+        return True
+
+    def close(self) -> None:
+        """Stop watching and close the pidfd (on exit, and when the server closes)."""
+        if self.pidfd >= 0:
+            self._loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def send_signal(self, sig: int, *, group: bool = False) -> None:
+        """Signal this very process (or its group) via its pidfd; ``ProcessGone`` if exited."""
+        if self.pidfd < 0:
+            raise ProcessGone(f"process {self.pid} has exited")
+        pidfd_signal(self.pidfd, self.pid, sig, group=group)
+
+    def exit_future(self) -> asyncio.Future[None]:
+        """A future that is done once the process has exited (shared: never cancel it)."""
+        if self._exit_future is None:
+            self._exit_future = self._loop.create_future()
+            if self.exited:
+                self._exit_future.set_result(None)
+        return self._exit_future
+
+
+def _exit_status(pidfd: int) -> int | None:
+    """The exit status of our child behind ``pidfd``, left for its waiter to reap; or ``None``."""
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, OSError):  # not our child, or already reaped
+        return None
+    if result is None:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+class ProcessRegistry:
+    """Every process the server watches, by pid and by id; admission of new ones.
+
+    ``on_exit(process)`` is called once for each watched process that exits,
+    after it has been forgotten here.
+    """
+
+    __slots__ = ("_ids", "_loop", "_on_exit", "by_id", "by_pid")
+
+    def __init__(self, on_exit: Callable[[WatchedProcess], None]) -> None:
+        #: pid -> the live process with that pid
+        self.by_pid: dict[int, WatchedProcess] = {}
+        #: id -> process, for the owners of heap entries
+        self.by_id: dict[int, WatchedProcess] = {}
+        self._on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = iter(range(1, 2**63))
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __iter__(self) -> Iterator[WatchedProcess]:
+        return iter(list(self.by_id.values()))
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch exits on ``loop`` from now on."""
+        self._loop = loop
+
+    def watch(
+        self, pid: int, *, worker: Worker | None = None, pidfd: int | None = None
+    ) -> WatchedProcess:
+        """Start watching ``pid`` (a process the server spawned, say); ``ProcessGone`` if gone."""
+        assert self._loop is not None, "the registry is not bound to a loop"
+        fd = open_pidfd(pid) if pidfd is None else pidfd
+        process = WatchedProcess(next(self._ids), pid, fd, self._loop, self._forget, worker)
+        self.by_pid[pid] = process
+        self.by_id[process.id] = process
+        return process
+
+    def admit(
+        self, applicant: Applicant, pid: int, *, revalidate: bool = False
+    ) -> WatchedProcess | str:
+        """The process ``pid`` names, if ``applicant`` may arm timers for it; else why not.
+
+        With ``revalidate``, a known process is first asked whether it is still
+        alive, so that a request from a new process that reused an exited
+        one's pid is never attached to the exited one.
+        """
+        known = self.by_pid.get(pid)
+        if known is not None and (known.exited or (revalidate and known.gone())):
+            known = None
+        if known is not None:
+            reason = applicant.entitled(pid)
+            if reason is not None:
+                return reason
+            known.channels.add(applicant.id)
+            return known
+        # Hold the process by a pidfd before checking who it is: if the pid is
+        # reused after the check, the pidfd shows the old process gone.
+        try:
+            pidfd = open_pidfd(pid)
+        except ProcessGone:
+            return f"pid {pid} does not exist"
+        except OSError as exc:
+            return f"pid {pid} cannot be watched: {exc}"
+        reason = applicant.entitled(pid)
+        if reason is None and not pidfd_alive(pidfd):
+            reason = f"pid {pid} exited while it was checked"
+        if reason is not None:
+            os.close(pidfd)
+            return reason
+        process = self.watch(pid, worker=applicant.worker, pidfd=pidfd)
+        process.channels.add(applicant.id)
+        return process
+
+    def _forget(self, process: WatchedProcess) -> None:
+        if self.by_pid.get(process.pid) is process:
+            del self.by_pid[process.pid]
+        if self.by_id.pop(process.id, None) is not None:
+            self._on_exit(process)
+
+    def close(self) -> None:
+        """Stop watching every process (the server is closing)."""
+        for process in list(self.by_id.values()):
+            process.close()
+        self.by_pid.clear()
+        self.by_id.clear()
