@@ -23,11 +23,18 @@ from ._client import get_client as get_client
 from ._client import timer as timer
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
+from ._events import Event as Event
+from ._events import EventBus as EventBus
+from ._events import KillWorkerProcess as KillWorkerProcess
 from ._events import LogEvent as LogEvent
+from ._events import RequestRejected as RequestRejected
 from ._events import Statistics as Statistics
+from ._events import TimerExpired as TimerExpired
+from ._events import WatchdogStarted as WatchdogStarted
+from ._events import WatchdogStopped as WatchdogStopped
+from ._events import WorkerExited as WorkerExited
 from ._exceptions import AiotimerError as AiotimerError
 from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
-from ._exceptions import EntitlementError as EntitlementError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ServerUnavailableError as ServerUnavailableError
 from ._expiry import ExpiredTimer as ExpiredTimer
@@ -61,15 +68,22 @@ __all__ = [
     "Reaper",
     "SignalReaper",
     # events and statistics
+    "Event",
+    "EventBus",
+    "KillWorkerProcess",
     "LogEvent",
+    "RequestRejected",
     "Statistics",
+    "TimerExpired",
+    "WatchdogStarted",
+    "WatchdogStopped",
+    "WorkerExited",
     # pure bookkeeping
     "DeadlineHeap",
     "Timer",
     # exceptions
     "AiotimerError",
     "ClientNotConfiguredError",
-    "EntitlementError",
     "ProtocolError",
     "ServerUnavailableError",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from ._clock import Clock
+from ._clock import Clock, wall_to_monotonic
 from ._events import Counters, EventBus, RequestRejected, logger
 from ._heap import DeadlineHeap
 from ._processes import ProcessRegistry
@@ -88,8 +88,7 @@ class Dispatcher:
                 heap.remove(process.id, scope, channel=cid)
                 continue
             elif op is Op.ACQUIRE_WALL:
-                clock = self._clock
-                deadline = clock.now() + (value - clock.wall())
+                deadline = wall_to_monotonic(self._clock, value)
             else:
                 process.dump_signal = sig
                 continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 __all__ = [
     "AiotimerError",
     "ClientNotConfiguredError",
-    "EntitlementError",
     "ProtocolError",
     "ServerUnavailableError",
 ]
@@ -17,10 +16,6 @@ class AiotimerError(Exception):
 
 class ProtocolError(AiotimerError, ValueError):
     """A request on the wire was malformed or out of range; it was rejected."""
-
-
-class EntitlementError(AiotimerError, PermissionError):
-    """A request named a process that its sender may not have signalled."""
 
 
 class ClientNotConfiguredError(AiotimerError, RuntimeError):

@@ -188,13 +188,21 @@ class DeadlineHeap:
 
     def pop_due(self, now: float) -> Timer | None:
         """Remove and return the earliest live timer if its deadline is ``<= now``."""
+        # On the kill path: the index is walked inline, not through helpers.
         heap = self._heap
+        owners = self._owners
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)
-            if not self._is_live(timer):
+            channels = owners.get(timer[1])
+            timers = None if channels is None else channels.get(timer[3])
+            if timers is None or timers.get(timer[2]) is not timer:
                 self._garbage -= 1
                 continue
-            self._unindex(timer[1], timer[3], timer[2])
+            del timers[timer[2]]
+            if not timers:
+                del channels[timer[3]]  # type: ignore[union-attr]
+                if not channels:
+                    del owners[timer[1]]
             self._live -= 1
             return timer
         return None

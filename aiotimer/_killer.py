@@ -265,22 +265,14 @@ class Killer:
             worker.expired_scopes.extend(t.scope for t in expiry.timers)
         if error is not None:
             self._reaper_failed(reaper, expiry, 1, error)
-            self._follow_up(reaper, expiry, process, None, 2)
+            self._spawn(self._retry(reaper, expiry, process, None, 2))
         elif isinstance(result, Awaitable):
-            self._follow_up(reaper, expiry, process, result, 1)
+            self._spawn(self._retry(reaper, expiry, process, result, 1))
         else:
             process.reaping = False
 
-    def _follow_up(
-        self,
-        reaper: Reaper,
-        expiry: Expiry,
-        process: WatchedProcess,
-        pending: Awaitable[object] | None,
-        attempt: int,
-    ) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        coro: Coroutine[Any, Any, None] = self._retry(reaper, expiry, process, pending, attempt)
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -18,11 +18,10 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiotimer import TimerServer
-from aiotimer._events import KILL_WORKER_PROCESS
+from aiotimer import Event, KillWorkerProcess, TimerServer
 from aiotimer.transports import listen_fifo
 
 from ._procs import DeathWatch, expect_line, python_worker_argv, start_torch_host, worker_env
@@ -105,20 +104,22 @@ async def floor_plain(n: int) -> KillRun:
     return await _plain(n, spawn, floor=True)
 
 
-def _decisions_into(run_decisions: list[float]) -> Callable[[str, Mapping[str, object]], None]:
-    def on_event(name: str, info: Mapping[str, object]) -> None:
-        latency = info.get("latency")
-        if name == KILL_WORKER_PROCESS and isinstance(latency, float):
-            run_decisions.append(latency)
+def _decisions_into(server: TimerServer, run_decisions: list[float]) -> TimerServer:
+    """Record the decision latency of every kill ``server`` makes (its typed events)."""
 
-    return on_event
+    def on_event(event: Event) -> None:
+        if isinstance(event, KillWorkerProcess):
+            run_decisions.append(event.latency)
+
+    server.events.subscribe(on_event)
+    return server
 
 
 async def aiotimer_pipe(n: int) -> KillRun:
     """aiotimer's TimerServer in this loop; plain workers it spawned, over pipes."""
     decisions: list[float] = []
     pipe = asyncio.subprocess.PIPE
-    async with TimerServer(log_event=_decisions_into(decisions)) as server:
+    async with _decisions_into(TimerServer(), decisions) as server:
         argv = python_worker_argv("aiotimer")
 
         async def spawn() -> object:
@@ -186,7 +187,7 @@ async def aiotimer_fifo(n: int) -> KillRun:
     decisions: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "timer.fifo")
-        async with TimerServer(log_event=_decisions_into(decisions)) as server:
+        async with _decisions_into(TimerServer(), decisions) as server:
             await listen_fifo(server, fifo)
             run = await _torch(n, "client-file", fifo=fifo)
     run.decision = decisions

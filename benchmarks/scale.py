@@ -18,8 +18,8 @@ import tracemalloc
 from typing import Any
 
 from aiotimer import DeadlineHeap, TimerServer
-from aiotimer._protocol import Op, Request
 from aiotimer.testing import MockClock, RecordingReaper
+from aiotimer.transports import Op, Request
 
 OPS = 20_000  # timed adds/releases per K
 

@@ -1,6 +1,10 @@
 """The ways requests reach a ``TimerServer``: one module per transport."""
 
+from .._protocol import Op as Op
+from .._protocol import Request as Request
 from ._base import Channel as Channel
+from ._base import Host as Host
+from ._base import RequestSink as RequestSink
 from ._local import LocalChannel as LocalChannel
 from ._pipe import PipeChannel as PipeChannel
 from .fifo import FifoListener as FifoListener
@@ -9,6 +13,12 @@ from .mpqueue import QueueBridge as QueueBridge
 from .mpqueue import bridge_queue as bridge_queue
 
 __all__ = [
+    # what a transport produces and where it sends it
+    "Op",
+    "Request",
+    "RequestSink",
+    "Host",
+    # the transports
     "Channel",
     "FifoListener",
     "LocalChannel",
