@@ -15,7 +15,13 @@ from types import TracebackType
 from typing import Any, Literal
 
 from ._exceptions import ClientNotConfiguredError, ServerUnavailableError
-from ._protocol import ENV_DUMP_SIGNAL, ENV_FD, encode_acquire, encode_hello, encode_release
+from ._protocol import (
+    ENV_DUMP_SIGNAL,
+    ENV_FD,
+    encode_acquire_after,
+    encode_hello,
+    encode_release,
+)
 from ._validate import check_seconds
 
 __all__ = [
@@ -46,6 +52,10 @@ class TimerClient(abc.ABC):
     @abc.abstractmethod
     def release(self, scope: str) -> None:
         """Disarm ``scope``; releasing an unknown scope is harmless."""
+
+    def acquire_after(self, scope: str, seconds: float) -> None:
+        """Arm ``scope`` to expire ``seconds`` from now (what ``expires`` calls)."""
+        self.acquire(scope, time.monotonic() + seconds)
 
 
 _pipe_clients: weakref.WeakSet[PipeClient] = weakref.WeakSet()
@@ -115,7 +125,17 @@ class PipeClient(TimerClient):
 
     def acquire(self, scope: str, deadline: float) -> None:
         """Arm ``scope`` until ``deadline`` (``time.monotonic()`` seconds)."""
-        self._send(encode_acquire(_pid, scope, deadline))
+        self.acquire_after(scope, max(0.0, deadline - time.monotonic()))
+
+    def acquire_after(self, scope: str, seconds: float) -> None:
+        """Arm ``scope`` to expire ``seconds`` from now.
+
+        The server counts the seconds from when it reads the request: a
+        duration needs no clock shared with the server, so a worker in another
+        time namespace is timed right too (never early; late only by how long
+        the request waited in the pipe).
+        """
+        self._send(encode_acquire_after(_pid, scope, seconds))
 
     def release(self, scope: str) -> None:
         """Disarm ``scope``."""
@@ -246,7 +266,7 @@ class TimerScope:
         client = self._client or _client or get_client()
         wire = _claim(self._scope)
         try:
-            client.acquire(wire, time.monotonic() + self._after)
+            client.acquire_after(wire, self._after)
         except BaseException:
             _active.discard(wire)
             raise

@@ -1,18 +1,21 @@
 """Applying decoded requests: the ``RequestSink`` every transport feeds.
 
 A transport decodes bytes into ``Request``s (``_protocol``) and hands them here
-with a reason for each one it could not decode.  The dispatcher admits each
+with a reason for each thing it could not decode.  The dispatcher admits each
 request's process through the registry (once per process and channel), arms or
-releases its timer in the heap, and tells the scheduler when the earliest
-deadline moved.
+releases its timer in the heap within the process's caps, and tells the
+scheduler when the earliest deadline moved.  After each batch it lets a
+deadline that has passed go first (``Scheduler.run_due``), so a busy client can
+never hold back another's kill for longer than one bounded batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from ._clock import Clock, wall_to_monotonic
+from ._clock import Cancellable, Clock, wall_to_monotonic
 from ._events import Counters, EventBus, RequestRejected, logger
 from ._heap import DeadlineHeap
 from ._processes import ProcessRegistry
@@ -20,7 +23,94 @@ from ._protocol import Op, Request
 from ._scheduler import Scheduler
 from .transports._base import Channel
 
-__all__ = ["Dispatcher"]
+__all__ = ["Caps", "Dispatcher", "RejectionLog"]
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Per-process limits on what requests may arm (``None``: no limit)."""
+
+    #: live timers one process may have
+    timers_per_process: int | None = 10_000
+    #: characters of the scopes of one process's live timers
+    scope_chars_per_process: int | None = 1 << 20
+
+
+@dataclass
+class _Period:
+    """One channel's rejections in the current period."""
+
+    name: str
+    handle: Cancellable | None = None
+    logged: int = 0
+    suppressed: int = 0
+    last: str = ""
+
+
+class RejectionLog:
+    """Counts every rejection exactly; logs and reports them at a bounded rate per channel.
+
+    In each ``period`` (on the server's clock), a channel's first ``full``
+    rejections are logged and reported one by one; the rest are summed up in
+    one line and one event at the period's end.  A flood of garbage costs a
+    handful of log records, not one per byte or per line.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        counters: Counters,
+        events: EventBus,
+        *,
+        full: int = 5,
+        period: float = 10.0,
+    ) -> None:
+        self._clock = clock
+        self._counters = counters
+        self._events = events
+        self.full = full
+        self.period = period
+        self._periods: dict[int, _Period] = {}
+
+    def add(self, channel: Channel, reasons: Sequence[str]) -> None:
+        """Count, and log or summarise, the rejections ``reasons`` on ``channel``."""
+        self._counters.rejected += len(reasons)
+        cid = channel.id
+        period = self._periods.get(cid)
+        if period is None:
+            period = self._periods[cid] = _Period(channel.name)
+            period.handle = self._clock.call_later(self.period, lambda: self._end_period(cid))
+        for reason in reasons:
+            if period.logged < self.full:
+                period.logged += 1
+                logger.warning("rejected a request on %s: %s", channel.name, reason)
+                if self._events:
+                    self._events.emit(RequestRejected(channel.name, reason))
+            else:
+                period.suppressed += 1
+                period.last = reason
+
+    def _end_period(self, cid: int) -> None:
+        period = self._periods.pop(cid, None)
+        if period is None or not period.suppressed:
+            return
+        logger.warning(
+            "rejected %d more requests on %s in the last %gs (not logged one by one); the last: %s",
+            period.suppressed,
+            period.name,
+            self.period,
+            period.last,
+        )
+        if self._events:
+            reason = f"{period.suppressed} more; the last: {period.last}"
+            self._events.emit(RequestRejected(period.name, reason, period.suppressed))
+
+    def close(self) -> None:
+        """Log what is still summed up, and stop."""
+        for cid, period in list(self._periods.items()):
+            if period.handle is not None:
+                period.handle.cancel()
+            self._end_period(cid)
 
 
 class Dispatcher:
@@ -35,78 +125,114 @@ class Dispatcher:
         counters: Counters,
         events: EventBus,
         *,
+        caps: Caps | None = None,
         on_channel_closed: Callable[[Channel], None] | None = None,
     ) -> None:
         self._heap = heap
-        self._on_channel_closed = on_channel_closed
         self._registry = registry
         self._scheduler = scheduler
         self._clock = clock
         self._counters = counters
-        self._events = events
+        self.rejections = RejectionLog(clock, counters, events)
+        self.caps = caps or Caps()
+        self._on_channel_closed = on_channel_closed
         #: whether requests are applied (False once the server begins closing)
         self.open = False
 
+    def close(self) -> None:
+        """Apply nothing more; flush the rejection summaries."""
+        self.open = False
+        self.rejections.close()
+
     def reject(self, channel: Channel, reason: str) -> None:
-        """Count, log and report one refused request."""
-        self._counters.rejected += 1
-        logger.warning("rejected a request on %s: %s", channel.name, reason)
-        if self._events:
-            self._events.emit(RequestRejected(channel.name, reason))
+        """Count, and log at a bounded rate, one refused request."""
+        self.rejections.add(channel, (reason,))
 
     def dispatch(
         self, channel: Channel, requests: Sequence[Request], errors: Sequence[str] = ()
     ) -> None:
-        """Apply ``requests`` from ``channel``; log each of ``errors`` as a rejection."""
-        for error in errors:
-            self.reject(channel, error)
+        """Apply ``requests`` from ``channel``; count each of ``errors`` as a rejection."""
+        if errors:
+            self.rejections.add(channel, errors)
         if not self.open:
             return
         heap = self._heap
-        by_pid = self._registry.by_pid
+        registry = self._registry
+        by_pid = registry.by_pid
         cid = channel.id
         revalidate = channel.revalidate
+        max_timers = self.caps.timers_per_process
+        max_chars = self.caps.scope_chars_per_process
+        # One reading of the clock for the batch: it arrived at one instant.
+        now = self._clock.now()
         accepted = 0
         earliest = math.inf
         for op, pid, scope, value, sig in requests:
             process = by_pid.get(pid)
+            # A HELLO is a process's first word: if an exited process's pid was
+            # reused, it must not be mistaken for the exited one.
+            check = revalidate or op is Op.HELLO
             if (
                 process is None
                 or process.exited
                 or cid not in process.channels
-                or (revalidate and process.gone())
+                or (check and process.gone())
             ):
-                admitted = self._registry.admit(channel, pid, revalidate=revalidate)
+                admitted = registry.admit(channel, pid, revalidate=check)
                 if isinstance(admitted, str):
                     self.reject(channel, admitted)
                     continue
                 process = admitted
-            accepted += 1
-            if op is Op.ACQUIRE:
-                deadline = value
+            if op is Op.ACQUIRE_AFTER:
+                deadline = now + value
             elif op is Op.RELEASE:
                 heap.remove(process.id, scope, channel=cid)
+                accepted += 1
                 continue
-            elif op is Op.ACQUIRE_WALL:
-                deadline = wall_to_monotonic(self._clock, value)
-            else:
+            elif op is Op.HELLO:
                 process.dump_signal = sig
+                accepted += 1
                 continue
-            heap.set(process.id, scope, deadline, channel=cid, signal=sig)
+            else:
+                deadline = wall_to_monotonic(self._clock, value) if op is Op.ACQUIRE_WALL else value
+                # A deadline already past counts from now: it is due at once,
+                # and its lateness is measured from when it arrived.
+                if deadline < now:
+                    deadline = now
+            timer = heap.try_set(
+                process.id,
+                scope,
+                deadline,
+                channel=cid,
+                signal=sig,
+                max_timers=max_timers,
+                max_scope_chars=max_chars,
+            )
+            if timer is None:
+                timers, chars = heap.usage(process.id)
+                self.reject(
+                    channel,
+                    f"pid {pid} has {timers} timers with {chars} characters of scopes; "
+                    f"{scope[:80]!r} would exceed its caps (timers_per_process={max_timers}, "
+                    f"scope_chars_per_process={max_chars})",
+                )
+                continue
+            accepted += 1
             if deadline < earliest:
                 earliest = deadline
         self._counters.requests += accepted
         if earliest < math.inf:
             self._scheduler.deadline_added(earliest)
+        # Let a deadline that passed while this batch was decoded go first.
+        self._scheduler.run_due()
 
     def channel_closed(self, channel: Channel) -> None:
-        """``channel`` will send nothing more: clear the timers armed on it."""
+        """``channel`` will send nothing more.
+
+        The timers armed on it stay armed: a process that closed its end of a
+        pipe (or lost its transport) and then hangs must still be killed.
+        They go when the process itself exits.
+        """
         if self._on_channel_closed is not None:
             self._on_channel_closed(channel)
-        cid = channel.id
-        for process in self._registry:
-            if cid in process.channels:
-                process.channels.discard(cid)
-                for timer in self._heap.timers_of(process.id):
-                    if timer.channel == cid:
-                        self._heap.remove(process.id, timer.scope, channel=cid)
+        self._registry.channel_closed(channel.id)

@@ -127,6 +127,8 @@ class RequestRejected(Event):
     name: ClassVar[str] = REQUEST_REJECTED
     channel: str
     reason: str
+    #: how many rejections this event stands for (more than 1: a periodic summary)
+    count: int = 1
 
 
 class EventBus:

@@ -54,11 +54,13 @@ class DeadlineHeap:
     Setting an existing ``(owner, scope, channel)`` replaces its deadline and signal.
     """
 
-    __slots__ = ("_garbage", "_heap", "_live", "_owners")
+    __slots__ = ("_garbage", "_heap", "_live", "_owners", "_usage")
 
     def __init__(self) -> None:
         self._heap: list[Timer] = []
         self._owners: _Index = {}
+        # owner -> [live timers, characters of their scopes], for per-owner caps
+        self._usage: dict[int, list[int]] = {}
         self._live = 0
         self._garbage = 0
 
@@ -80,17 +82,51 @@ class DeadlineHeap:
         self, owner: int, scope: str, deadline: float, *, channel: int = 0, signal: int = 0
     ) -> Timer:
         """Arm ``(owner, scope, channel)`` to expire at ``deadline``, replacing any earlier one."""
+        timer = self.try_set(owner, scope, deadline, channel=channel, signal=signal)
+        assert timer is not None  # no caps: always armed
+        return timer
+
+    def try_set(
+        self,
+        owner: int,
+        scope: str,
+        deadline: float,
+        *,
+        channel: int = 0,
+        signal: int = 0,
+        max_timers: int | None = None,
+        max_scope_chars: int | None = None,
+    ) -> Timer | None:
+        """``set``, unless a new timer would take ``owner`` over a cap; then ``None``.
+
+        ``max_timers`` caps the owner's live timers, ``max_scope_chars`` the
+        characters of their scopes.  Re-arming a timer the owner has is never refused.
+        """
         channels = self._owners.get(owner)
         if channels is None:
             channels = self._owners[owner] = {}
+            usage = self._usage[owner] = [0, 0]
+        else:
+            usage = self._usage[owner]
         timers = channels.get(channel)
         if timers is None:
             timers = channels[channel] = {}
-        timer: Timer = _new_timer(Timer, (deadline, owner, scope, channel, signal))
         if timers.get(scope) is None:
+            if (max_timers is not None and usage[0] >= max_timers) or (
+                max_scope_chars is not None and usage[1] + len(scope) > max_scope_chars
+            ):
+                if not timers:
+                    del channels[channel]
+                    if not channels:
+                        del self._owners[owner]
+                        del self._usage[owner]
+                return None
+            usage[0] += 1
+            usage[1] += len(scope)
             self._live += 1
         else:
             self._garbage += 1
+        timer: Timer = _new_timer(Timer, (deadline, owner, scope, channel, signal))
         timers[scope] = timer
         heapq.heappush(self._heap, timer)
         if self._garbage > self._live + _PRUNE_FLOOR:
@@ -110,10 +146,17 @@ class DeadlineHeap:
         if timers is None:
             return None
         timer = timers.pop(scope, None)
-        if timer is not None and not timers:
+        if timer is None:
+            return None
+        if not timers:
             del channels[channel]
             if not channels:
                 del self._owners[owner]
+                del self._usage[owner]
+                return timer
+        usage = self._usage[owner]
+        usage[0] -= 1
+        usage[1] -= len(scope)
         return timer
 
     def remove(self, owner: int, scope: str, *, channel: int = 0) -> bool:
@@ -131,6 +174,7 @@ class DeadlineHeap:
         channels = self._owners.pop(owner, None)
         if not channels:
             return []
+        del self._usage[owner]
         removed = [t for timers in channels.values() for t in timers.values()]
         self._live -= len(removed)
         self._garbage += len(removed)
@@ -138,9 +182,10 @@ class DeadlineHeap:
             self.prune()
         return removed
 
-    def count(self, owner: int) -> int:
-        """How many live timers ``owner`` has."""
-        return sum(len(timers) for timers in self._owners.get(owner, {}).values())
+    def usage(self, owner: int) -> tuple[int, int]:
+        """``owner``'s live timers and the characters of their scopes."""
+        usage = self._usage.get(owner)
+        return (0, 0) if usage is None else (usage[0], usage[1])
 
     def timers_of(self, owner: int) -> list[Timer]:
         """The live timers of ``owner``, in no particular order."""
@@ -203,6 +248,12 @@ class DeadlineHeap:
                 del channels[timer[3]]  # type: ignore[union-attr]
                 if not channels:
                     del owners[timer[1]]
+                    del self._usage[timer[1]]
+                    self._live -= 1
+                    return timer
+            usage = self._usage[timer[1]]
+            usage[0] -= 1
+            usage[1] -= len(timer[2])
             self._live -= 1
             return timer
         return None

@@ -79,6 +79,7 @@ class Killer:
         *,
         reaper: Reaper,
         attempts: int,
+        timeout: float = 30.0,
     ) -> None:
         self._heap = heap
         self._registry = registry
@@ -87,6 +88,7 @@ class Killer:
         self._events = events
         self.reaper = reaper
         self._attempts = attempts
+        self._timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # During a burst: first signals, accounted for once the burst is over.
@@ -258,24 +260,49 @@ class Killer:
         error: Exception | None,
     ) -> None:
         """Book-keep a reaper call made in a burst; follow up on what it returned."""
-        # The process is being killed: its other timers go with it.
-        self._heap.remove_owner(process.id)
+        if expiry.signals_sent:
+            # It is being killed: its other timers would only call the reaper
+            # again.  A reaper that failed or signalled nothing leaves them armed.
+            self._heap.remove_owner(process.id)
         worker = process.worker
         if worker is not None and worker.pid == process.pid:
             worker.expired_scopes.extend(t.scope for t in expiry.timers)
         if error is not None:
             self._reaper_failed(reaper, expiry, 1, error)
-            self._spawn(self._retry(reaper, expiry, process, None, 2))
+            self._follow_up(reaper, expiry, self._retry(reaper, expiry, process, None, 2))
         elif isinstance(result, Awaitable):
-            self._spawn(self._retry(reaper, expiry, process, result, 1))
+            self._follow_up(reaper, expiry, self._retry(reaper, expiry, process, result, 1))
         else:
             process.reaping = False
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _follow_up(self, reaper: Reaper, expiry: Expiry, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task, cancelled (and the process SIGKILLed) if it runs too long."""
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        handle = self._clock.call_later(
+            self._timeout, lambda: self._timed_out(reaper, expiry, task)
+        )
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            handle.cancel()
+
+        task.add_done_callback(done)
+
+    def _timed_out(self, reaper: Reaper, expiry: Expiry, task: asyncio.Task[None]) -> None:
+        if task.done():
+            return
+        task.cancel()
+        if expiry.exited:
+            return
+        logger.error(
+            "reaper %r did not finish with pid %d within %gs; cancelled it, sending SIGKILL",
+            reaper,
+            expiry.pid,
+            self._timeout,
+        )
+        expiry.send_signal(_signal.SIGKILL)
 
     def _reaper_failed(
         self, reaper: Reaper, expiry: Expiry, attempt: int, error: BaseException

@@ -1,4 +1,4 @@
-"""What aiotimer asks of Linux: pidfds, /proc ancestry, SCHED_BATCH, timerfds and prctl.
+"""What aiotimer asks of Linux: pidfds, /proc ancestry, SCHED_BATCH, timerfds, inotify, prctl.
 
 Process identity goes through pidfds, so a reused pid is never signalled.  A
 timerfd is a one-shot CLOCK_MONOTONIC alarm that a loop watches like any fd: a
@@ -13,16 +13,19 @@ back to the loop's timers.
 from __future__ import annotations
 
 import ctypes
-import errno
 import math
 import os
 import signal as _signal
+import struct
 import time
 from collections.abc import Callable
 
 __all__ = [
     "ProcessGone",
+    "IN_NAME_CHANGES",
     "descends_from",
+    "inotify_names",
+    "inotify_watch_dir",
     "open_pidfd",
     "parent_pid",
     "pidfd_alive",
@@ -33,8 +36,6 @@ __all__ = [
     "timerfd_create",
 ]
 
-# From <linux/pidfd.h>; kernels before 6.9 reject it with EINVAL.
-_PIDFD_SIGNAL_PROCESS_GROUP = 4
 _BATCH_PARAM = os.sched_param(0)
 
 
@@ -60,24 +61,28 @@ def pidfd_alive(pidfd: int) -> bool:
 
 
 def pidfd_signal(pidfd: int, pid: int, sig: int, *, group: bool = False) -> None:
-    """Send ``sig`` through ``pidfd``; with ``group``, to the process group it leads.
+    """Send ``sig`` through ``pidfd``; with ``group``, to the process group the process is in.
 
-    Raises ``ProcessGone`` when the process has exited.  A group signal goes
-    through the pidfd where the kernel allows it (6.9+); otherwise the pidfd first
-    proves that ``pid`` is still this process, so its group id is still its own.
+    Raises ``ProcessGone`` when the process has exited.  For a group signal the
+    pidfd first proves that ``pid`` is still this process, so the group read
+    for it is a live group (a group id is not reused while a member lives).
+    The group is signalled whether or not the process leads it (a worker's
+    forked child is killed with the group its worker leads); the server's own
+    group never is: a process in it is signalled alone.  An empty group (the
+    process left it in between) is not an exit: the process is then signalled
+    alone.
     """
     try:
-        if not group:
-            _signal.pidfd_send_signal(pidfd, sig)
-            return
-        try:
-            _signal.pidfd_send_signal(pidfd, sig, None, _PIDFD_SIGNAL_PROCESS_GROUP)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-        _signal.pidfd_send_signal(pidfd, 0)
-        os.killpg(os.getpgid(pid), sig)
+        if group:
+            _signal.pidfd_send_signal(pidfd, 0)
+            pgid = os.getpgid(pid)
+            if pgid != os.getpgrp():
+                try:
+                    os.killpg(pgid, sig)
+                    return
+                except ProcessLookupError:
+                    pass
+        _signal.pidfd_send_signal(pidfd, sig)
     except ProcessLookupError:
         raise ProcessGone(f"process {pid} has exited") from None
 
@@ -223,3 +228,54 @@ def timerfd_arm_at(fd: int, when: float) -> None:
     assert _API is not None, "timerfd_arm_at() needs a timerfd from timerfd_create()"
     # Round up: the timer must not go off before ``when``.  Zero would disarm it.
     _API[1](fd, max(1, math.ceil(when * 1e9)))
+
+
+# -- inotify ---------------------------------------------------------------------
+
+#: inotify events that mean a name in a watched directory went away or changed.
+IN_NAME_CHANGES = 0x40 | 0x80 | 0x100 | 0x200  # MOVED_FROM | MOVED_TO | CREATE | DELETE
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_INOTIFY_EVENT = struct.Struct("=iIII")
+
+
+def _inotify_api() -> tuple[Callable[[int], int], Callable[[int, bytes, int], int]] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init1 = libc.inotify_init1
+        add_watch = libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init1.argtypes = [ctypes.c_int]
+    init1.restype = ctypes.c_int
+    add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add_watch.restype = ctypes.c_int
+    return init1, add_watch
+
+
+_INOTIFY = _inotify_api()
+
+
+def inotify_watch_dir(path: str | os.PathLike[str], mask: int = IN_NAME_CHANGES) -> int:
+    """A non-blocking inotify fd watching directory ``path`` for ``mask``; -1 if unavailable."""
+    if _INOTIFY is None:
+        return -1
+    fd = _INOTIFY[0](_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        return -1
+    if _INOTIFY[1](fd, os.fsencode(path), mask) < 0:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def inotify_names(data: bytes) -> list[bytes]:
+    """The file names in a buffer of inotify events read from an inotify fd."""
+    names: list[bytes] = []
+    pos = 0
+    while pos + _INOTIFY_EVENT.size <= len(data):
+        _, _, _, length = _INOTIFY_EVENT.unpack_from(data, pos)
+        pos += _INOTIFY_EVENT.size
+        names.append(data[pos : pos + length].rstrip(b"\0"))
+        pos += length
+    return names

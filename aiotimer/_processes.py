@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -190,16 +191,34 @@ class ProcessRegistry:
     after it has been forgotten here.
     """
 
-    __slots__ = ("_ids", "_loop", "_on_exit", "by_id", "by_pid")
+    __slots__ = (
+        "_fd_budget",
+        "_ids",
+        "_loop",
+        "_on_exit",
+        "_per_channel",
+        "by_id",
+        "by_pid",
+        "max_per_channel",
+    )
 
-    def __init__(self, on_exit: Callable[[WatchedProcess], None]) -> None:
+    def __init__(
+        self, on_exit: Callable[[WatchedProcess], None], *, max_per_channel: int | None = None
+    ) -> None:
         #: pid -> the live process with that pid
         self.by_pid: dict[int, WatchedProcess] = {}
         #: id -> process, for the owners of heap entries
         self.by_id: dict[int, WatchedProcess] = {}
+        #: most processes one channel may have admitted at once (``None``: no cap)
+        self.max_per_channel = max_per_channel
+        self._per_channel: dict[int, int] = {}
         self._on_exit = on_exit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = iter(range(1, 2**63))
+        # Each watched process holds a pidfd.  Requests may admit processes only
+        # while half the fd table is left for everything else: a flood of
+        # admissions must never make the next spawn() fail with EMFILE.
+        self._fd_budget = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -234,12 +253,26 @@ class ProcessRegistry:
         known = self.by_pid.get(pid)
         if known is not None and (known.exited or (revalidate and known.gone())):
             known = None
+        cid = applicant.id
+        if known is not None and cid in known.channels:
+            return known
+        admitted = self._per_channel.get(cid, 0)
+        if self.max_per_channel is not None and admitted >= self.max_per_channel:
+            return (
+                f"the channel already watches {admitted} processes, its cap "
+                f"(max_processes_per_channel={self.max_per_channel})"
+            )
         if known is not None:
             reason = applicant.entitled(pid)
             if reason is not None:
                 return reason
-            known.channels.add(applicant.id)
+            self.attach(known, cid)
             return known
+        if len(self.by_id) >= self._fd_budget:
+            return (
+                f"already {len(self.by_id)} processes watched, half of this process's file "
+                f"descriptor limit; raise RLIMIT_NOFILE to watch more"
+            )
         # Hold the process by a pidfd before checking who it is: if the pid is
         # reused after the check, the pidfd shows the old process gone.
         try:
@@ -255,14 +288,30 @@ class ProcessRegistry:
             os.close(pidfd)
             return reason
         process = self.watch(pid, worker=applicant.worker, pidfd=pidfd)
-        process.channels.add(applicant.id)
+        self.attach(process, cid)
         return process
+
+    def attach(self, process: WatchedProcess, cid: int) -> None:
+        """Record that ``process`` was admitted on channel ``cid``."""
+        process.channels.add(cid)
+        self._per_channel[cid] = self._per_channel.get(cid, 0) + 1
+
+    def channel_closed(self, cid: int) -> None:
+        """Channel ``cid`` will send nothing more: it no longer counts against any process."""
+        self._per_channel.pop(cid, None)
+        for process in self.by_id.values():
+            process.channels.discard(cid)
 
     def _forget(self, process: WatchedProcess) -> None:
         if self.by_pid.get(process.pid) is process:
             del self.by_pid[process.pid]
-        if self.by_id.pop(process.id, None) is not None:
-            self._on_exit(process)
+        if self.by_id.pop(process.id, None) is None:
+            return
+        for cid in process.channels:
+            left = self._per_channel.get(cid)
+            if left is not None:
+                self._per_channel[cid] = left - 1
+        self._on_exit(process)
 
     def close(self) -> None:
         """Stop watching every process (the server is closing)."""

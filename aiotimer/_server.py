@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._clock import Clock, SystemClock
-from ._dispatch import Dispatcher
+from ._dispatch import Caps, Dispatcher
 from ._events import (
     Counters,
     EventBus,
@@ -38,7 +38,7 @@ from ._processes import ProcessRegistry, WatchedProcess
 from ._protocol import ENV_DUMP_SIGNAL, ENV_FD
 from ._reapers import SignalReaper
 from ._scheduler import Scheduler
-from ._validate import check_signal
+from ._validate import check_count, check_seconds, check_signal
 from ._workers import Worker
 from .transports._base import Channel, Listener, RequestSink
 from .transports._local import LocalChannel
@@ -71,7 +71,14 @@ class TimerServer:
     torch's event names plus aiotimer's own.  ``dump_signal`` is the signal that
     spawned workers register a stack dump on (default: the reaper's
     ``dump_signal`` if it has one).  A reaper that raises is retried
-    ``reap_attempts`` times with exponential backoff.
+    ``reap_attempts`` times with exponential backoff; one whose follow-up runs
+    longer than ``reap_timeout`` seconds is cancelled and its process killed
+    with SIGKILL.
+
+    Caps, so that no client can exhaust the server: ``max_timers_per_process``
+    live timers and ``max_scope_chars_per_process`` characters of their scopes
+    per process, ``max_processes_per_channel`` processes admitted per channel
+    (``None``: no cap).  A request over a cap is rejected with its reason.
     """
 
     def __init__(
@@ -82,6 +89,10 @@ class TimerServer:
         log_event: LogEvent | None = None,
         dump_signal: int | str | None = None,
         reap_attempts: int = 5,
+        reap_timeout: float = 30.0,
+        max_timers_per_process: int | None = 10_000,
+        max_scope_chars_per_process: int | None = 1 << 20,
+        max_processes_per_channel: int | None = 1024,
     ) -> None:
         if reaper is not None and not callable(reaper):
             raise TypeError(f"`reaper` must be callable, got {reaper!r}")
@@ -89,10 +100,16 @@ class TimerServer:
             raise TypeError(f"`clock` must implement aiotimer.Clock, got {clock!r}")
         if log_event is not None and not callable(log_event):
             raise TypeError(f"`log_event` must be callable, got {log_event!r}")
-        if isinstance(reap_attempts, bool) or not isinstance(reap_attempts, int):
-            raise TypeError(f"`reap_attempts` must be an int >= 1, got {reap_attempts!r}")
-        if reap_attempts < 1:
-            raise ValueError(f"`reap_attempts` must be an int >= 1, got {reap_attempts!r}")
+        attempts = check_count("reap_attempts", reap_attempts)
+        assert attempts is not None
+        caps = Caps(
+            check_count("max_timers_per_process", max_timers_per_process, optional=True),
+            check_count("max_scope_chars_per_process", max_scope_chars_per_process, optional=True),
+        )
+        per_channel = check_count(
+            "max_processes_per_channel", max_processes_per_channel, optional=True
+        )
+        timeout = check_seconds("reap_timeout", reap_timeout)
         reaper = SignalReaper() if reaper is None else reaper
         self._clock: Clock = SystemClock() if clock is None else clock
         if dump_signal is None:
@@ -106,7 +123,7 @@ class TimerServer:
         if log_event is not None:
             self.events.subscribe_log_event(log_event)
         self._heap = heap = DeadlineHeap()
-        self._registry = ProcessRegistry(self._process_exited)
+        self._registry = ProcessRegistry(self._process_exited, max_per_channel=per_channel)
         self._killer = Killer(
             heap,
             self._registry,
@@ -114,7 +131,8 @@ class TimerServer:
             counters,
             self.events,
             reaper=reaper,
-            attempts=reap_attempts,
+            attempts=attempts,
+            timeout=timeout,
         )
         self._scheduler = Scheduler(
             self._clock, heap, counters, on_due=self._killer.expire, on_warm_up=self._killer.warm_up
@@ -127,6 +145,7 @@ class TimerServer:
             self._clock,
             counters,
             self.events,
+            caps=caps,
             on_channel_closed=self._channels.discard,
         )
         self._state = _State.CREATED
@@ -188,7 +207,7 @@ class TimerServer:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSING
-        self._dispatcher.open = False
+        self._dispatcher.close()
         self._scheduler.stop()
         await self._killer.aclose()
         for listener in reversed(self._listeners):
@@ -299,7 +318,7 @@ class TimerServer:
             logger.info("worker %d exited before it could be watched", process.pid)
         else:
             worker.watched = watched
-            watched.channels.add(channel.id)
+            self._registry.attach(watched, channel.id)
         logger.info("spawned worker %d: %s", process.pid, program)
         return worker
 

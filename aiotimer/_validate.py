@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal as _signal
 
-__all__ = ["check_seconds", "check_signal"]
+__all__ = ["check_count", "check_seconds", "check_signal"]
 
 
 def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -18,6 +18,19 @@ def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> floa
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be a finite number of seconds {bound}, got {value!r}")
     return seconds
+
+
+def check_count(
+    name: str, value: object, *, minimum: int = 1, optional: bool = False
+) -> int | None:
+    """Return ``value`` as an int ``>= minimum`` (or ``None`` if ``optional``), else raise."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def check_signal(name: str, value: object) -> _signal.Signals:

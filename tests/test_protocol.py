@@ -2,20 +2,29 @@
 
 import json
 import math
+import random
 import struct
+import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiotimer import ProtocolError
 from aiotimer._protocol import (
     FRAME_MAX,
     HEADER_SIZE,
+    MAGIC,
     SCOPE_MAX,
+    SIGNAL_LOG_ONLY,
     FrameDecoder,
     Op,
     Request,
     decode_json_line,
+    decode_json_lines,
     encode_acquire,
+    encode_acquire_after,
+    encode_frame,
     encode_hello,
     encode_json_request,
     encode_release,
@@ -24,7 +33,8 @@ from aiotimer._protocol import (
 
 def test_frames_round_trip() -> None:
     data = (
-        encode_acquire(10, "step", 12.5)
+        encode_acquire_after(10, "step", 12.5)
+        + encode_acquire(10, "abs", 3.0)
         + encode_acquire(11, "ünïcode/scope", 1.7e9, wall=True)
         + encode_release(10, "step")
         + encode_hello(10, 12)
@@ -32,7 +42,8 @@ def test_frames_round_trip() -> None:
     requests, errors = FrameDecoder().feed(data)
     assert errors == []
     assert requests == [
-        Request(Op.ACQUIRE, 10, "step", 12.5),
+        Request(Op.ACQUIRE_AFTER, 10, "step", 12.5),
+        Request(Op.ACQUIRE, 10, "abs", 3.0),
         Request(Op.ACQUIRE_WALL, 11, "ünïcode/scope", 1.7e9),
         Request(Op.RELEASE, 10, "step", 0.0),
         Request(Op.HELLO, 10, "", 0.0, 12),
@@ -40,7 +51,7 @@ def test_frames_round_trip() -> None:
 
 
 def test_frames_split_across_reads_are_reassembled() -> None:
-    data = b"".join(encode_acquire(5, f"s{i}", float(i)) for i in range(50))
+    data = b"".join(encode_acquire_after(5, f"s{i}", float(i)) for i in range(50))
     decoder = FrameDecoder()
     got: list[Request] = []
     for i in range(0, len(data), 7):
@@ -51,42 +62,107 @@ def test_frames_split_across_reads_are_reassembled() -> None:
     assert decoder.pending == 0
 
 
-def test_garbage_between_frames_is_reported_and_later_frames_survive() -> None:
-    good = encode_acquire(5, "a", 1.0)
+def test_a_run_of_garbage_is_one_rejection_and_later_frames_survive() -> None:
+    good = encode_acquire_after(5, "a", 1.0)
     data = good + b"\x00garbage that is long enough\xff" + encode_release(5, "a") + good
     requests, errors = FrameDecoder().feed(data)
-    assert [r.op for r in requests] == [Op.ACQUIRE, Op.RELEASE, Op.ACQUIRE]
-    assert errors and all("corrupt frame header" in e for e in errors)
+    assert [r.op for r in requests] == [Op.ACQUIRE_AFTER, Op.RELEASE, Op.ACQUIRE_AFTER]
+    assert errors == ["skipped 29 bytes that are not frames"]
+
+
+def test_megabytes_of_garbage_cost_one_rejection_per_read() -> None:
+    decoder = FrameDecoder()
+    rng = random.Random(7)
+    reasons = 0
+    for _ in range(64):
+        _, errors = decoder.feed(rng.randbytes(65536))
+        reasons += len(errors)
+    requests, errors = decoder.feed(encode_release(5, "after the flood"))
+    assert [r.scope for r in requests] == ["after the flood"]
+    assert reasons + len(errors) <= 65
+
+
+def _header(op: int, length: int, pid: int, value: float) -> bytes:
+    head = struct.pack("=BBHid", MAGIC, op, length, pid, value)
+    return head + struct.pack("=I", zlib.crc32(head))
+
+
+def test_a_made_up_header_with_a_plausible_length_swallows_nothing() -> None:
+    # Magic byte and an in-range length, but no valid checksum: the decoder must
+    # not wait for (or skip) 4000 bytes of what follows.
+    fake = struct.pack("=BBHid", MAGIC, Op.ACQUIRE_AFTER, 4000, 5, 1.0) + b"\0\0\0\0"
+    requests, errors = FrameDecoder().feed(fake + encode_release(5, "kept"))
+    assert [r.scope for r in requests] == ["kept"]
+    assert errors == [f"skipped {len(fake)} bytes that are not frames"]
 
 
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
-        (struct.pack("=BBHid", 0xA7, 99, HEADER_SIZE, 5, 1.0), "unknown op 99"),
-        (struct.pack("=BBHid", 0xA7, 1, HEADER_SIZE + 2, 5, 1.0) + b"\xff\xfe", "UTF-8"),
-        (struct.pack("=BBHid", 0xA7, 1, HEADER_SIZE, 0, 1.0), "pid must be > 0"),
-        (struct.pack("=BBHid", 0xA7, 1, HEADER_SIZE, 5, math.nan), "must be finite"),
-        (struct.pack("=BBHid", 0xA7, 1, HEADER_SIZE, 5, math.inf), "must be finite"),
+        (_header(99, HEADER_SIZE, 5, 1.0), "unknown op 99"),
+        (_header(5, HEADER_SIZE + 2, 5, 1.0) + b"\xff\xfe", "UTF-8"),
+        (_header(5, HEADER_SIZE, 0, 1.0), "pid must be > 0"),
+        (_header(5, HEADER_SIZE, 5, math.nan), "must be finite"),
+        (_header(1, HEADER_SIZE, 5, math.inf), "must be finite"),
+        (_header(5, HEADER_SIZE, 5, -1.0), "must be >= 0"),
+        (_header(4, HEADER_SIZE, 5, 100.0), "not a signal number"),
+        (_header(4, HEADER_SIZE, 5, 1e12), "not a signal number"),
+        (_header(4, HEADER_SIZE, 5, math.inf), "not a signal number"),
+        (_header(4, HEADER_SIZE, 5, 2.5), "not a signal number"),
     ],
 )
 def test_malformed_frames_are_rejected_without_losing_neighbours(frame: bytes, reason: str) -> None:
-    data = encode_acquire(5, "before", 1.0) + frame + encode_acquire(5, "after", 2.0)
+    data = encode_acquire_after(5, "before", 1.0) + frame + encode_release(5, "after")
     requests, errors = FrameDecoder().feed(data)
     assert [r.scope for r in requests] == ["before", "after"]
     assert len(errors) == 1 and reason in errors[0]
 
 
 def test_oversized_length_field_resynchronises() -> None:
-    bad = struct.pack("=BBHid", 0xA7, 1, FRAME_MAX + 1, 5, 1.0)
+    bad = _header(5, FRAME_MAX + 1, 5, 1.0)
     requests, errors = FrameDecoder().feed(bad + encode_release(5, "x"))
     assert [r.scope for r in requests] == ["x"]
     assert errors
 
 
 def test_scope_too_long_for_one_atomic_write_is_refused_by_the_encoder() -> None:
-    assert len(encode_acquire(1, "x" * SCOPE_MAX, 1.0)) == FRAME_MAX
+    assert len(encode_acquire_after(1, "x" * SCOPE_MAX, 1.0)) == FRAME_MAX
     with pytest.raises(ValueError, match="`scope` must encode to at most"):
-        encode_acquire(1, "x" * (SCOPE_MAX + 1), 1.0)
+        encode_acquire_after(1, "x" * (SCOPE_MAX + 1), 1.0)
+
+
+_frames = st.builds(
+    lambda op, pid, scope, value: (op, pid, scope, value),
+    st.sampled_from([Op.ACQUIRE_AFTER, Op.RELEASE, Op.ACQUIRE_WALL]),
+    st.integers(1, 2**31 - 1),
+    st.text(max_size=40),
+    st.floats(0, 1e10),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(_frames, st.binary(max_size=300)), max_size=30),
+    st.lists(st.integers(1, 500), max_size=20),
+)
+def test_garbage_interleaved_with_frames_loses_no_frame(
+    items: list[tuple[tuple[Op, int, str, float], bytes]], cuts: list[int]
+) -> None:
+    stream = b""
+    expected = []
+    for (op, pid, scope, value), garbage in items:
+        stream += garbage + encode_frame(op, pid, scope, 0.0 if op is Op.RELEASE else value)
+        expected.append((op, pid, scope))
+    decoder = FrameDecoder()
+    got = []
+    pos = 0
+    for cut in [*cuts, len(stream)]:  # delivered in arbitrary reads
+        requests, _ = decoder.feed(stream[pos : pos + cut])
+        got += [(r.op, r.pid, r.scope) for r in requests]
+        pos += cut
+    requests, _ = decoder.feed(stream[pos:])
+    got += [(r.op, r.pid, r.scope) for r in requests]
+    assert got == expected
 
 
 def test_json_lines_round_trip_like_torch() -> None:
@@ -100,7 +176,9 @@ def test_json_lines_round_trip_like_torch() -> None:
     }
     assert decode_json_line(line) == Request(Op.ACQUIRE_WALL, 42, "scope", 1.7e9, 9)
     release = decode_json_line(encode_json_request(42, "scope", -1, 0))
-    assert release.op is Op.RELEASE and release.signal == 0
+    assert release.op is Op.RELEASE
+    log_only = decode_json_line(encode_json_request(42, "scope", 1.7e9, 0))
+    assert log_only.signal == SIGNAL_LOG_ONLY
 
 
 @pytest.mark.parametrize(
@@ -121,8 +199,20 @@ def test_json_lines_round_trip_like_torch() -> None:
         ),
         (b"\xff\xfe", "not JSON"),
         (b'{"pid": 1, "scope_id": "' + b"x" * 5000 + b'"}', "exceeds"),
+        (b'{"pid": 1, "scope_id": "s", "expiration_time": 1.0, "signal": 100}', "not a signal"),
+        (b'{"pid": 1, "scope_id": "s", "expiration_time": 1.0, "signal": 1e12}', "'signal'"),
     ],
 )
 def test_bad_json_lines_raise_protocol_error_naming_the_problem(line: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
         decode_json_line(line)
+
+
+def test_many_json_lines_decode_in_one_pass_and_a_bad_one_is_rejected_alone() -> None:
+    good = [encode_json_request(40 + i, f"s{i}", 1.7e9, 9).strip() for i in range(20)]
+    requests, errors = decode_json_lines(good)
+    assert errors == [] and [r.pid for r in requests] == list(range(40, 60))
+    mixed = [*good[:5], b"{not json", b'{"a": 1}, {"b": 2}', b"[1]", *good[5:]]
+    requests, errors = decode_json_lines(mixed)
+    assert [r.pid for r in requests] == list(range(40, 60))
+    assert len(errors) == 3

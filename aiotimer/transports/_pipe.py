@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 __all__ = ["PipeChannel"]
 
-# Large enough to drain a full pipe (64 KiB by default) in a read or two.
-_READ_SIZE = 256 * 1024
+# A read's worth of frames is decoded in one callback: about 400 requests, well
+# under a millisecond, so one busy worker cannot hold back another's kill for
+# longer (the dispatcher lets a passed deadline go first after each batch).
+_READ_SIZE = 16 * 1024
 
 
 class PipeChannel(Channel):
@@ -25,8 +27,9 @@ class PipeChannel(Channel):
 
     Requests may come from the worker or from any of its descendants (they
     inherit the fd); a pid outside that tree is refused.  End of file means
-    every writer has exited or closed the fd: the server then clears the
-    timers that arrived on this pipe.
+    every writer has exited or closed the fd; the timers armed through the
+    pipe stay armed until their processes exit (a worker that closes its pipe
+    and then hangs is still killed).
     """
 
     def __init__(

@@ -2,13 +2,17 @@
 
 Differences from torch's ``FileTimerServer``, all on purpose:
 
-- the FIFO is read as it becomes readable (no polling interval), and the server
+- the FIFO is read as it becomes readable (no polling interval), in bounded
+  reads, so a flood of requests never holds back a kill for long; the server
   keeps a write end open itself, so the last client closing never makes the
   reader see end-of-file and spin;
 - each line is decoded on its own: a bad line is rejected with a logged reason
   and loses nothing else;
-- the FIFO is created with mode 0600 (by default), a path that exists and is not
-  a FIFO is refused, never deleted, and the FIFO is removed on close;
+- the FIFO is created with mode 0600 (by default), set on the open FIFO itself
+  (never through a path a symlink could be swapped into); a path that exists
+  and is not a FIFO is refused, never deleted, and the FIFO is removed on close;
+- a FIFO unlinked or replaced while serving is noticed (inotify on its
+  directory) and created again, with a log line;
 - its buffer is enlarged (up to ``/proc/sys/fs/pipe-max-size``), so bursts of
   requests do not fail in the clients' non-blocking writes;
 - a request may only name a process of this user that descends from the server
@@ -26,14 +30,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .._events import logger
-from .._exceptions import ProtocolError
+from .._linux import inotify_names, inotify_watch_dir
 from .._processes import foreign_descendant_of
-from .._protocol import JSON_LINE_MAX, Request, decode_json_line
+from .._protocol import JSON_LINE_MAX, Request, decode_json_lines
 from ._base import Channel, Host, RequestSink
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
 
-_READ_SIZE = 1024 * 1024
+# A read's worth of lines is decoded in one callback: about 300 torch requests,
+# well under a millisecond, so a flood cannot hold back a kill for longer.
+_READ_SIZE = 32 * 1024
 
 
 def check_fifo_path(path: str | os.PathLike[str], name: str = "file_path") -> bool:
@@ -83,6 +89,7 @@ class FifoListener(Channel):
         self._mode = mode
         self._read_fd = -1
         self._write_fd = -1
+        self._watch_fd = -1
         self._inode: tuple[int, int] | None = None
         self._partial = b""
         self._discarding = False
@@ -94,49 +101,111 @@ class FifoListener(Channel):
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Create the FIFO and start reading it (returns once clients can connect)."""
+        self._loop = loop
         if check_fifo_path(self.path):
             os.unlink(self.path)  # a FIFO left behind by an earlier server: replace it
-        os.mkfifo(self.path, self._mode)
-        os.chmod(self.path, self._mode)  # mkfifo applies the umask
-        self._read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        # Our own writer: clients come and go, and with none left a reader sees
-        # end-of-file on every read and would spin.
-        self._write_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        st = os.fstat(self._read_fd)
-        self._inode = (st.st_dev, st.st_ino)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self._read_fd, fcntl.F_SETPIPE_SZ, _pipe_max_size())
-        self._loop = loop
-        loop.add_reader(self._read_fd, self._readable)
+        self._create()
+        self._watch_fd = inotify_watch_dir(self.path.parent)
+        if self._watch_fd >= 0:
+            loop.add_reader(self._watch_fd, self._directory_changed)
+        else:
+            logger.warning("cannot watch %s: a FIFO removed under us goes unnoticed", self.path)
         logger.info("listening for torch timer requests on %s", self.path)
+
+    def _create(self) -> None:
+        """Make the FIFO, open both ends, and start reading it."""
+        assert self._loop is not None
+        os.mkfifo(self.path, self._mode)
+        # O_NOFOLLOW: a symlink swapped in after mkfifo is refused, not followed.
+        read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(read_fd)
+            if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+                raise FileExistsError(f"{str(self.path)!r} was replaced while it was created")
+            os.fchmod(read_fd, self._mode)  # mkfifo applied the umask; the fd is the FIFO itself
+            # Our own writer: clients come and go, and with none left a reader
+            # sees end-of-file on every read and would spin.
+            write_fd = os.open(
+                f"/proc/self/fd/{read_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, _pipe_max_size())
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._inode = (st.st_dev, st.st_ino)
+        self._loop.add_reader(read_fd, self._readable)
+
+    def _directory_changed(self) -> None:
+        try:
+            data = os.read(self._watch_fd, 64 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        if os.fsencode(self.path.name) in inotify_names(data):
+            self._check_still_ours()
+
+    def _check_still_ours(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            logger.error("%s was removed while serving; creating it again", self.path)
+        else:
+            if (st.st_dev, st.st_ino) == self._inode:
+                return
+            if not stat.S_ISFIFO(st.st_mode):
+                logger.error(
+                    "%s was replaced by something that is not a FIFO; torch clients cannot "
+                    "reach this server until it is removed",
+                    self.path,
+                )
+                return
+            logger.error(
+                "%s was replaced by another FIFO while serving; creating ours again", self.path
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        old_read, old_write = self._read_fd, self._write_fd
+        try:
+            self._create()
+        except OSError as exc:
+            logger.error("could not create %s again: %s", self.path, exc)
+            return
+        # What clients wrote to the old FIFO is still read, once.
+        self._drain(old_read)
+        self._close_fds(old_read, old_write)
+
+    def _drain(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except (BlockingIOError, InterruptedError, OSError):
+                return
+            if not data:
+                return
+            self._deliver(data)
 
     def _readable(self) -> None:
         try:
             data = os.read(self._read_fd, _READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
-        if not data:
-            return
+        if data:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         requests, errors = self._decode(data)
         self.sink.dispatch(self, requests, errors)
 
     def _decode(self, data: bytes) -> tuple[list[Request], list[str]]:
-        requests: list[Request] = []
-        errors: list[str] = []
         lines = data.split(b"\n")
         lines[0] = self._partial + lines[0]
         self._partial = lines.pop()
-        for line in lines:
-            if self._discarding:
-                # The tail of a line already rejected as oversize.
-                self._discarding = False
-                continue
-            if not line.strip():
-                continue
-            try:
-                requests.append(decode_json_line(line))
-            except ProtocolError as exc:
-                errors.append(f"{exc}: {line[:200]!r}")
+        if self._discarding and lines:
+            # The tail of a line already rejected as oversize.
+            self._discarding = False
+            lines.pop(0)
+        requests, errors = decode_json_lines([line for line in lines if line.strip()])
         if len(self._partial) > JSON_LINE_MAX:
             if not self._discarding:
                 errors.append(f"line longer than {JSON_LINE_MAX} bytes; discarded")
@@ -144,16 +213,18 @@ class FifoListener(Channel):
             self._discarding = True
         return requests, errors
 
+    def _close_fds(self, *fds: int) -> None:
+        for fd in fds:
+            if fd < 0:
+                continue
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
     def close(self) -> None:
         """Stop reading, close the FIFO and remove it (if it is still ours)."""
-        if self._read_fd >= 0:
-            if self._loop is not None:
-                self._loop.remove_reader(self._read_fd)
-            os.close(self._read_fd)
-            self._read_fd = -1
-        if self._write_fd >= 0:
-            os.close(self._write_fd)
-            self._write_fd = -1
+        self._close_fds(self._read_fd, self._write_fd, self._watch_fd)
+        self._read_fd = self._write_fd = self._watch_fd = -1
         if self._inode is not None:
             with contextlib.suppress(FileNotFoundError):
                 st = os.lstat(self.path)
@@ -176,7 +247,9 @@ async def listen_fifo(
     """Serve torch ``FileTimerClient`` requests on a new FIFO at ``path``.
 
     ``roots``: pids (a torchrun agent, say) whose descendants may be named in
-    requests, besides the server's own descendants.
+    requests, besides the server's own descendants.  Raises ``FileExistsError``
+    if something that is not a FIFO is at ``path``, ``FileNotFoundError`` if its
+    directory does not exist.
     """
     loop = server.running_loop()
     listener = FifoListener(server.sink, path, roots=roots, mode=mode)
