@@ -224,3 +224,25 @@ class Counters:
         self.decision_count += 1
         self.decision_sum += lag
         self.decision_max = max(self.decision_max, lag)
+
+    def snapshot(
+        self, *, active_timers: int, watched_processes: int, next_deadline_in: float | None
+    ) -> Statistics:
+        """The counters now, with the server's gauges."""
+        return Statistics(
+            active_timers=active_timers,
+            watched_processes=watched_processes,
+            next_deadline_in=next_deadline_in,
+            requests=self.requests,
+            rejected=self.rejected,
+            expiries=self.expiries,
+            kills=self.kills,
+            reaper_errors=self.reaper_errors,
+            wakeups=self.wakeups,
+            expiry_lag_max=self.lag_max,
+            expiry_lag_mean=self.lag_sum / self.lag_count if self.lag_count else 0.0,
+            decision_lag_max=self.decision_max,
+            decision_lag_mean=self.decision_sum / self.decision_count
+            if self.decision_count
+            else 0.0,
+        )

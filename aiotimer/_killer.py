@@ -24,7 +24,7 @@ from ._heap import DeadlineHeap, Timer
 from ._linux import pidfd_alive
 from ._processes import ProcessRegistry, WatchedProcess
 
-__all__ = ["CHUNK", "Killer", "backoff"]
+__all__ = ["CHUNK", "FollowUps", "Killer", "backoff"]
 
 #: Timers popped between two rounds of signals in a burst.
 CHUNK = 64
@@ -66,6 +66,119 @@ def _requested_signal(timers: list[Timer]) -> int | None:
     return 0
 
 
+class FollowUps:
+    """Reaper calls that go on after the burst: awaited, retried with backoff, timed out."""
+
+    def __init__(self, clock: Clock, counters: Counters, *, attempts: int, timeout: float) -> None:
+        self._clock = clock
+        self._counters = counters
+        self._attempts = attempts
+        self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run follow-ups on ``loop``."""
+        self._loop = loop
+
+    async def aclose(self) -> None:
+        """Cancel every follow-up still running."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def start(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        pending: Awaitable[object] | None,
+        attempt: int,
+    ) -> None:
+        """Finish (``pending``) or retry (from ``attempt``) a reaper call in a task of its own.
+
+        The task is cancelled, and the process SIGKILLed, if it runs longer than
+        the timeout on the server's clock.
+        """
+        assert self._loop is not None
+        coro: Coroutine[Any, Any, None] = self._retry(reaper, expiry, process, pending, attempt)
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        handle = self._clock.call_later(
+            self._timeout, lambda: self._timed_out(reaper, expiry, task)
+        )
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            handle.cancel()
+
+        task.add_done_callback(done)
+
+    def _timed_out(self, reaper: Reaper, expiry: Expiry, task: asyncio.Task[None]) -> None:
+        if task.done():
+            return
+        task.cancel()
+        if expiry.exited:
+            return
+        logger.error(
+            "reaper %r did not finish with pid %d within %gs; cancelled it, sending SIGKILL",
+            reaper,
+            expiry.pid,
+            self._timeout,
+        )
+        expiry.send_signal(_signal.SIGKILL)
+
+    def failed(self, reaper: Reaper, expiry: Expiry, attempt: int, error: BaseException) -> None:
+        """Count and log a reaper call that raised."""
+        self._counters.reaper_errors += 1
+        logger.error(
+            "reaper %r failed for pid %d (attempt %d of %d)",
+            reaper,
+            expiry.pid,
+            attempt,
+            self._attempts,
+            exc_info=error,
+        )
+
+    async def _retry(
+        self,
+        reaper: Reaper,
+        expiry: Expiry,
+        process: WatchedProcess,
+        pending: Awaitable[object] | None,
+        attempt: int,
+    ) -> None:
+        """Finish a reaper call that returned an awaitable, and retry failures with backoff."""
+        delays = backoff()
+        try:
+            while True:
+                if pending is not None:
+                    try:
+                        await pending
+                        return
+                    except Exception as exc:
+                        self.failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                if expiry.exited or attempt > self._attempts:
+                    break
+                await expiry.sleep(next(delays))
+                try:
+                    result = reaper(expiry)
+                except Exception as exc:
+                    self.failed(reaper, expiry, attempt, exc)
+                    attempt += 1
+                    pending = None
+                    continue
+                if not isinstance(result, Awaitable):
+                    return
+                pending = result
+            if not expiry.exited:
+                logger.error("gave up reaping pid %d; it is still running", expiry.pid)
+        finally:
+            process.reaping = False
+
+
 class Killer:
     """Decides and carries out what happens to processes whose timers expired."""
 
@@ -87,23 +200,17 @@ class Killer:
         self._counters = counters
         self._events = events
         self.reaper = reaper
-        self._attempts = attempts
-        self._timeout = timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._follow_ups = FollowUps(clock, counters, attempts=attempts, timeout=timeout)
         # During a burst: first signals, accounted for once the burst is over.
         self._kill_events: list[tuple[Expiry, int, float]] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run follow-ups on ``loop``."""
-        self._loop = loop
+        self._follow_ups.bind(loop)
 
     async def aclose(self) -> None:
         """Cancel every follow-up still running."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._follow_ups.aclose()
 
     # -- before the burst ----------------------------------------------------
 
@@ -268,90 +375,11 @@ class Killer:
         if worker is not None and worker.pid == process.pid:
             worker.expired_scopes.extend(t.scope for t in expiry.timers)
         if error is not None:
-            self._reaper_failed(reaper, expiry, 1, error)
-            self._follow_up(reaper, expiry, self._retry(reaper, expiry, process, None, 2))
+            self._follow_ups.failed(reaper, expiry, 1, error)
+            self._follow_ups.start(reaper, expiry, process, None, 2)
         elif isinstance(result, Awaitable):
-            self._follow_up(reaper, expiry, self._retry(reaper, expiry, process, result, 1))
+            self._follow_ups.start(reaper, expiry, process, result, 1)
         else:
-            process.reaping = False
-
-    def _follow_up(self, reaper: Reaper, expiry: Expiry, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task, cancelled (and the process SIGKILLed) if it runs too long."""
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        handle = self._clock.call_later(
-            self._timeout, lambda: self._timed_out(reaper, expiry, task)
-        )
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            handle.cancel()
-
-        task.add_done_callback(done)
-
-    def _timed_out(self, reaper: Reaper, expiry: Expiry, task: asyncio.Task[None]) -> None:
-        if task.done():
-            return
-        task.cancel()
-        if expiry.exited:
-            return
-        logger.error(
-            "reaper %r did not finish with pid %d within %gs; cancelled it, sending SIGKILL",
-            reaper,
-            expiry.pid,
-            self._timeout,
-        )
-        expiry.send_signal(_signal.SIGKILL)
-
-    def _reaper_failed(
-        self, reaper: Reaper, expiry: Expiry, attempt: int, error: BaseException
-    ) -> None:
-        self._counters.reaper_errors += 1
-        logger.error(
-            "reaper %r failed for pid %d (attempt %d of %d)",
-            reaper,
-            expiry.pid,
-            attempt,
-            self._attempts,
-            exc_info=error,
-        )
-
-    async def _retry(
-        self,
-        reaper: Reaper,
-        expiry: Expiry,
-        process: WatchedProcess,
-        pending: Awaitable[object] | None,
-        attempt: int,
-    ) -> None:
-        """Finish a reaper call that returned an awaitable, and retry failures with backoff."""
-        delays = backoff()
-        try:
-            while True:
-                if pending is not None:
-                    try:
-                        await pending
-                        return
-                    except Exception as exc:
-                        self._reaper_failed(reaper, expiry, attempt, exc)
-                    attempt += 1
-                if expiry.exited or attempt > self._attempts:
-                    break
-                await expiry.sleep(next(delays))
-                try:
-                    result = reaper(expiry)
-                except Exception as exc:
-                    self._reaper_failed(reaper, expiry, attempt, exc)
-                    attempt += 1
-                    pending = None
-                    continue
-                if not isinstance(result, Awaitable):
-                    return
-                pending = result
-            if not expiry.exited:
-                logger.error("gave up reaping pid %d; it is still running", expiry.pid)
-        finally:
             process.reaping = False
 
     # -- kills -----------------------------------------------------------------

@@ -23,7 +23,9 @@ from collections.abc import Callable
 __all__ = [
     "ProcessGone",
     "IN_NAME_CHANGES",
+    "become_subreaper",
     "descends_from",
+    "die_with_parent",
     "inotify_names",
     "inotify_watch_dir",
     "open_pidfd",
@@ -279,3 +281,33 @@ def inotify_names(data: bytes) -> list[bytes]:
         names.append(data[pos : pos + length].rstrip(b"\0"))
         pos += length
     return names
+
+
+# -- prctl -----------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(parent: int, sig: int = _signal.SIGKILL) -> None:
+    """In a child between fork and exec: get ``sig`` when ``parent`` dies; exit if it has.
+
+    ``PR_SET_PDEATHSIG`` survives exec.  The parent may have died before the
+    call: then the child was re-parented already and exits at once.
+    """
+    _prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper: orphaned descendants are re-parented to it."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)

@@ -11,7 +11,6 @@ together.  One request's way through them::
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import math
 import os
@@ -27,7 +26,6 @@ from ._events import (
     Statistics,
     WatchdogStarted,
     WatchdogStopped,
-    WorkerExited,
     logger,
 )
 from ._expiry import Reaper
@@ -35,19 +33,15 @@ from ._heap import DeadlineHeap
 from ._killer import Killer
 from ._linux import ProcessGone
 from ._processes import ProcessRegistry, WatchedProcess
-from ._protocol import ENV_DUMP_SIGNAL, ENV_FD
 from ._reapers import SignalReaper
 from ._scheduler import Scheduler
 from ._validate import check_count, check_seconds, check_signal
-from ._workers import Worker
+from ._workers import Worker, WorkerSet, start_worker_process
 from .transports._base import Channel, Listener, RequestSink
 from .transports._local import LocalChannel
 from .transports._pipe import PipeChannel
 
 __all__ = ["TimerServer"]
-
-# How long aclose() waits for a worker it killed to be reaped.
-_CLOSE_WAIT = 5.0
 
 
 class _State(enum.Enum):
@@ -100,8 +94,7 @@ class TimerServer:
             raise TypeError(f"`clock` must implement aiotimer.Clock, got {clock!r}")
         if log_event is not None and not callable(log_event):
             raise TypeError(f"`log_event` must be callable, got {log_event!r}")
-        attempts = check_count("reap_attempts", reap_attempts)
-        assert attempts is not None
+        attempts = check_count("reap_attempts", reap_attempts) or 1
         caps = Caps(
             check_count("max_timers_per_process", max_timers_per_process, optional=True),
             check_count("max_scope_chars_per_process", max_scope_chars_per_process, optional=True),
@@ -134,10 +127,11 @@ class TimerServer:
             attempts=attempts,
             timeout=timeout,
         )
+        killer = self._killer
         self._scheduler = Scheduler(
-            self._clock, heap, counters, on_due=self._killer.expire, on_warm_up=self._killer.warm_up
+            self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up
         )
-        self._channels: set[Channel] = set()
+        self._channels: dict[int, Channel] = {}
         self._dispatcher = Dispatcher(
             heap,
             self._registry,
@@ -146,12 +140,12 @@ class TimerServer:
             counters,
             self.events,
             caps=caps,
-            on_channel_closed=self._channels.discard,
+            on_channel_closed=self._forget_channel,
         )
         self._state = _State.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed: asyncio.Event | None = None
-        self._workers: set[Worker] = set()
+        self._workers = WorkerSet(self.events)
         self._listeners: list[Listener] = []
 
     def __repr__(self) -> str:
@@ -215,17 +209,10 @@ class TimerServer:
                 await listener.aclose()
             except Exception:
                 logger.exception("closing %r failed", listener)
-        for channel in list(self._channels):
+        for channel in list(self._channels.values()):
             channel.close()
         self._channels.clear()
-        for worker in list(self._workers):
-            if worker.returncode is None:
-                worker.kill()
-        for worker in list(self._workers):
-            try:
-                await asyncio.wait_for(worker.wait(), _CLOSE_WAIT)
-            except TimeoutError:
-                logger.error("worker %d did not exit after SIGKILL", worker.pid)
+        await self._workers.kill_all()
         self._registry.close()
         self._state = _State.CLOSED
         assert self._closed is not None
@@ -254,7 +241,7 @@ class TimerServer:
         """Register a transport listener to be ``aclose()``-d with the server."""
         self._listeners.append(listener)
         if isinstance(listener, Channel):
-            self._channels.add(listener)
+            self._channels[listener.id] = listener
 
     def local_channel(
         self,
@@ -283,35 +270,22 @@ class TimerServer:
         environment; ``aiotimer.expires``/``aiotimer.timer`` need no set-up in it.
         ``reaper`` overrides the server's for this worker.  With
         ``process_group`` the worker leads a new process group, which the
-        built-in reaper can signal as a whole.  Other keyword arguments go to
+        built-in reaper can signal as a whole.  The worker is SIGKILLed if this
+        process dies, however it dies (``PR_SET_PDEATHSIG``), so no worker is
+        ever left unwatched.  Other keyword arguments go to
         ``asyncio.create_subprocess_exec`` (``stdout=PIPE``, ``cwd=``, ...).
         """
         loop = self.running_loop()
         if reaper is not None and not callable(reaper):
             raise TypeError(f"`reaper` must be callable, got {reaper!r}")
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        child_env = dict(os.environ if env is None else env)
-        child_env[ENV_FD] = str(write_fd)
-        if self.dump_signal is not None:
-            child_env[ENV_DUMP_SIGNAL] = str(int(self.dump_signal))
-        else:
-            child_env.pop(ENV_DUMP_SIGNAL, None)
-        pass_fds = (*kwargs.pop("pass_fds", ()), write_fd)
-        if process_group:
-            kwargs["start_new_session"] = True
-        try:
-            process = await asyncio.create_subprocess_exec(
-                program, *args, env=child_env, pass_fds=pass_fds, **kwargs
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
+        dump = None if self.dump_signal is None else int(self.dump_signal)
+        process, read_fd = await start_worker_process(
+            program, args, env=env, dump_signal=dump, process_group=process_group, **kwargs
+        )
         worker = Worker(process, reaper=reaper, process_group=process_group)
         self._workers.add(worker)
         channel = PipeChannel(self._dispatcher, worker, read_fd, loop)
-        self._channels.add(channel)
+        self._channels[channel.id] = channel
         try:
             watched = self._registry.watch(process.pid, worker=worker)
         except ProcessGone:
@@ -322,50 +296,32 @@ class TimerServer:
         logger.info("spawned worker %d: %s", process.pid, program)
         return worker
 
+    def _forget_channel(self, channel: Channel) -> None:
+        self._channels.pop(channel.id, None)
+
     def _process_exited(self, process: WatchedProcess) -> None:
         """The registry saw ``process`` exit: drop its timers, and its worker if it was one."""
         cleared = self._heap.remove_owner(process.id)
-        if cleared:
-            logger.debug("pid %d exited; cleared %d timers", process.pid, len(cleared))
+        for cid in process.channels:
+            channel = self._channels.get(cid)
+            if channel is not None:
+                channel.process_exited(process.pid)
         worker = process.worker
-        if worker is None or worker.pid != process.pid:
-            return
-        self._workers.discard(worker)
-        event = WorkerExited(process.pid, process.returncode, len(cleared), worker)
-        if event.returncode is not None or self._loop is None:
-            self.events.emit(event)
-            return
-        # asyncio's child watcher reaped it first: its status comes with wait().
-        task = self._loop.create_task(worker.wait())
-        task.add_done_callback(
-            lambda t: self.events.emit(
-                dataclasses.replace(event, returncode=None if t.cancelled() else t.result())
-            )
-        )
+        if worker is not None and worker.pid == process.pid:
+            self._workers.exited(worker, process.returncode, len(cleared))
 
     # -- introspection ---------------------------------------------------
 
     def statistics(self) -> Statistics:
         """A snapshot of the server's counters."""
-        c = self._counters
         nxt = self._heap.next_deadline()
-        return Statistics(
+        return self._counters.snapshot(
             active_timers=len(self._heap),
             watched_processes=len(self._registry),
             next_deadline_in=None if nxt == math.inf else nxt - self._clock.now(),
-            requests=c.requests,
-            rejected=c.rejected,
-            expiries=c.expiries,
-            kills=c.kills,
-            reaper_errors=c.reaper_errors,
-            wakeups=c.wakeups,
-            expiry_lag_max=c.lag_max,
-            expiry_lag_mean=c.lag_sum / c.lag_count if c.lag_count else 0.0,
-            decision_lag_max=c.decision_max,
-            decision_lag_mean=c.decision_sum / c.decision_count if c.decision_count else 0.0,
         )
 
     @property
     def workers(self) -> frozenset[Worker]:
         """Spawned workers that have not exited yet."""
-        return frozenset(self._workers)
+        return self._workers.snapshot()

@@ -4,13 +4,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-from ._linux import ProcessGone
+from ._events import EventBus, WorkerExited, logger
+from ._linux import ProcessGone, die_with_parent
+from ._protocol import ENV_DUMP_SIGNAL, ENV_FD
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerSet", "start_worker_process"]
+
+# How long closing waits for a worker it killed to be reaped.
+_CLOSE_WAIT = 5.0
+
+
+def _dies_with_this_process(then: Callable[[], object] | None) -> Callable[[], None]:
+    """A ``preexec_fn``: the worker is SIGKILLed if this process dies (even by SIGKILL)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        die_with_parent(parent)
+        if then is not None:
+            then()
+
+    return preexec
+
+
+async def start_worker_process(
+    program: str | os.PathLike[str],
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None,
+    dump_signal: int | None,
+    process_group: bool,
+    **kwargs: Any,
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Start a worker with a request pipe; return it and the pipe's read end.
+
+    The worker finds the pipe's write end through ``AIOTIMER_FD`` and the
+    signal to register a stack dump on through ``AIOTIMER_DUMP_SIGNAL``.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    child_env = dict(os.environ if env is None else env)
+    child_env[ENV_FD] = str(write_fd)
+    if dump_signal is not None:
+        child_env[ENV_DUMP_SIGNAL] = str(dump_signal)
+    else:
+        child_env.pop(ENV_DUMP_SIGNAL, None)
+    pass_fds = (*kwargs.pop("pass_fds", ()), write_fd)
+    if process_group:
+        kwargs["start_new_session"] = True
+    kwargs["preexec_fn"] = _dies_with_this_process(kwargs.get("preexec_fn"))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            program, *args, env=child_env, pass_fds=pass_fds, **kwargs
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return process, read_fd
 
 
 class _Watch(Protocol):
@@ -95,3 +150,49 @@ class Worker:
     def kill(self) -> None:
         """Send SIGKILL."""
         self.send_signal(signal.SIGKILL)
+
+
+class WorkerSet:
+    """The workers a server spawned and has not yet seen exit; it reports their exits."""
+
+    def __init__(self, events: EventBus) -> None:
+        self._events = events
+        self._workers: set[Worker] = set()
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def snapshot(self) -> frozenset[Worker]:
+        """The workers still running."""
+        return frozenset(self._workers)
+
+    def add(self, worker: Worker) -> None:
+        """Track a worker just spawned."""
+        self._workers.add(worker)
+
+    def exited(self, worker: Worker, returncode: int | None, timers_cleared: int) -> None:
+        """``worker`` exited (its pidfd says so): report it, with its exit status."""
+        self._workers.discard(worker)
+        event = WorkerExited(worker.pid, returncode, timers_cleared, worker)
+        if returncode is not None:
+            self._events.emit(event)
+            return
+        # asyncio's child watcher reaped it first: its status comes with wait().
+
+        def report(task: asyncio.Task[int]) -> None:
+            status = None if task.cancelled() or task.exception() else task.result()
+            self._events.emit(WorkerExited(event.pid, status, timers_cleared, worker))
+
+        asyncio.get_running_loop().create_task(worker.wait()).add_done_callback(report)
+
+    async def kill_all(self) -> None:
+        """SIGKILL every worker still running and wait for each to be reaped."""
+        workers = list(self._workers)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.wait(), _CLOSE_WAIT)
+            except TimeoutError:
+                logger.error("worker %d did not exit after SIGKILL", worker.pid)

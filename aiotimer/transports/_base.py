@@ -85,5 +85,8 @@ class Channel(abc.ABC):
     def entitled(self, pid: int) -> str | None:
         """``None`` if requests on this channel may name ``pid``, else the reason not."""
 
+    def process_exited(self, pid: int) -> None:  # noqa: B027 - most channels need not know
+        """A process admitted on this channel exited."""
+
     def close(self) -> None:  # noqa: B027 - most channels hold nothing to close
         """Stop reading; the server calls this when it closes."""

@@ -1,12 +1,31 @@
 """torch's ``LocalTimerClient`` transport: pickled ``TimerRequest``s on a ``multiprocessing.Queue``.
 
-The queue's pipe is watched on the loop; when it turns readable, every request
-waiting is taken with non-blocking gets, in order.  No thread, no polling.
+The queue's pipe is watched on the loop; when it turns readable, the requests
+waiting are taken with non-blocking gets, in order, a bounded batch per
+callback.  No thread, no polling.
+
+What the queue's protocol cannot protect against, and what is done about it:
+
+- Every item is unpickled, and a pickle can run code or raise anything
+  (``SystemExit`` included): each item's failure is caught and rejected alone.
+  Any process that can put on the queue can run code in the server; that is
+  inherent to torch's ``LocalTimerClient`` (see the README's security notes).
+- The pipe is read non-blocking: a message cut short (a writer killed in the
+  middle of a write larger than ``PIPE_BUF``, or bytes written by hand) is
+  rejected instead of blocking the server's loop for ever.
+- ``put`` takes the queue's write lock in the client's feeder thread.  A client
+  killed while it held the lock (a multi-threaded worker SIGKILLed on expiry)
+  would leave every other client's requests stuck behind it.  When a client of
+  the queue exits, the bridge checks the lock; if it stays held for
+  ``STUCK_LOCK_AFTER`` seconds, it is released, with a loud log line.  That is
+  safe for torch's requests: a message up to ``PIPE_BUF`` bytes is one atomic
+  write, so two writers never interleave within one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing.queues
 import os
@@ -21,8 +40,11 @@ from ._base import Channel, Host, RequestSink
 
 __all__ = ["QueueBridge", "bridge_queue", "request_from_torch"]
 
-# Bound the work done in one loop callback, so a flood cannot starve the loop.
-_BATCH = 4096
+# Bound the work done in one loop callback, so a flood cannot hold back a kill.
+_BATCH = 256
+#: How long the queue's write lock may stay held after a client died before it is released.
+STUCK_LOCK_AFTER = 1.0
+_LOCK_CHECKS = 5
 
 
 def request_from_torch(item: Any) -> Request:
@@ -62,6 +84,9 @@ class QueueBridge(Channel):
         self.roots = frozenset((os.getpid(), *roots))
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The lock every put() takes in its feeder thread (None on platforms without one).
+        self._write_lock: Any = getattr(mp_queue, "_wlock", None)
+        self._checking_lock = False
 
     def entitled(self, pid: int) -> str | None:
         """A process of this user descending from the server or a root; never the server."""
@@ -72,6 +97,8 @@ class QueueBridge(Channel):
         # multiprocessing exposes no public readiness hook; its reader end is
         # the one pipe every put() lands in.
         self._fd = self.queue._reader.fileno()  # type: ignore[attr-defined]
+        # A truncated message must not block the loop: it is rejected instead.
+        os.set_blocking(self._fd, False)
         self._loop = loop
         loop.add_reader(self._fd, self._readable)
         self._readable()  # requests put before we started
@@ -84,8 +111,14 @@ class QueueBridge(Channel):
                 item = self.queue.get_nowait()
             except _queue.Empty:
                 break
-            except Exception as exc:  # an unpicklable or truncated message
-                errors.append(f"unreadable queue item: {exc!r}")
+            except BlockingIOError:
+                errors.append(
+                    "a message cut short on the queue (a client killed in the middle of a "
+                    "write?); what follows may be out of step"
+                )
+                break
+            except BaseException as exc:
+                errors.append(f"unreadable queue item: {exc!r}"[:300])
                 continue
             try:
                 requests.append(request_from_torch(item))
@@ -96,6 +129,38 @@ class QueueBridge(Channel):
             self._loop.call_soon(self._readable)  # more waiting; let others run first
         if requests or errors:
             self.sink.dispatch(self, requests, errors)
+
+    def process_exited(self, pid: int) -> None:
+        """A client of the queue exited: make sure it did not die holding the write lock."""
+        if self._write_lock is None or self._checking_lock or self._loop is None:
+            return
+        self._checking_lock = True
+        self._check_lock(pid, _LOCK_CHECKS)
+
+    def _check_lock(self, pid: int, checks_left: int) -> None:
+        lock = self._write_lock
+        if lock.acquire(False):  # free: nobody died holding it
+            lock.release()
+            self._checking_lock = False
+            return
+        if checks_left > 0 and self._loop is not None and self._fd >= 0:
+            self._loop.call_later(
+                STUCK_LOCK_AFTER / _LOCK_CHECKS, self._check_lock, pid, checks_left - 1
+            )
+            return
+        self._checking_lock = False
+        if self._fd < 0:
+            return
+        logger.error(
+            "the write lock of %s has been held for %gs since its client pid %d exited: it "
+            "died holding it, and every other client's requests would wait behind it for "
+            "ever; releasing the lock",
+            self.name,
+            STUCK_LOCK_AFTER,
+            pid,
+        )
+        with contextlib.suppress(ValueError):  # released in the meantime after all
+            lock.release()
 
     def close(self) -> None:
         """Stop watching the queue (the queue itself belongs to the caller)."""
