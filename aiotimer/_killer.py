@@ -30,6 +30,9 @@ __all__ = ["CHUNK", "FollowUps", "Killer", "backoff"]
 CHUNK = 64
 #: Most heap entries a warm-up pass looks at.
 WARM_UP_LIMIT = 4096
+#: "timer expired" events per process and burst (the rest are counted, and logged in sum).
+EVENTS_PER_PROCESS = 100
+_SCOPES_LOGGED = 5
 
 _CHILD_SIGNALS = frozenset({_signal.SIGCHLD})
 
@@ -338,25 +341,37 @@ class Killer:
     # -- after the burst -----------------------------------------------------
 
     def _report(self, now: float, groups: dict[int, list[Timer]]) -> None:
-        """Count, log and emit every timer that expired, in torch's order."""
+        """Count every timer that expired; log one line and emit events per process.
+
+        A process's first ``EVENTS_PER_PROCESS`` expired timers each get a
+        "timer expired" event (torch emits one per timer up to the one that
+        decides the signal); a burst of a million timers costs one log line,
+        not a million.
+        """
         counters = self._counters
         events = self._events
         by_id = self._registry.by_id
         for owner, timers in groups.items():
             process = by_id.get(owner)
             pid = process.pid if process is not None else None
+            counters.expiries += len(timers)
             for timer in timers:
-                lag = now - timer.deadline
-                counters.expiries += 1
-                counters.record_lag(lag)
-                logger.warning(
-                    "timer %r of pid %s expired (%.3f ms after its deadline)",
-                    timer.scope,
-                    pid,
-                    lag * 1e3,
-                )
-                if events:
-                    events.emit(TimerExpired(pid, timer.scope, timer.deadline, lag))
+                counters.record_lag(now - timer.deadline)
+            scopes = ", ".join(repr(t.scope) for t in timers[:_SCOPES_LOGGED])
+            more = len(timers) - _SCOPES_LOGGED
+            logger.warning(
+                "%s of pid %s expired: %s%s; the first %.3f ms after its deadline",
+                "timer" if len(timers) == 1 else f"{len(timers)} timers",
+                pid,
+                scopes,
+                f" and {more} more" if more > 0 else "",
+                (now - timers[0].deadline) * 1e3,
+            )
+            if events:
+                for timer in timers[:EVENTS_PER_PROCESS]:
+                    events.emit(
+                        TimerExpired(pid, timer.scope, timer.deadline, now - timer.deadline)
+                    )
 
     def _reaper_called(
         self,

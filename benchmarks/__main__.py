@@ -26,11 +26,11 @@ from typing import Any
 
 from aiotimer._loops import available_loops, pidfd_child_watcher
 
-from . import client, idle, kill, scale, throughput
+from . import client, hardening, idle, kill, scale, throughput
 from ._stats import median, summarize_ms
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("kill", "throughput", "scale", "idle", "client")
+SCENARIOS = ("kill", "throughput", "scale", "idle", "client", "load", "garbage", "burst")
 
 
 def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -418,6 +418,164 @@ def bench_client(calls: int, has_torch: bool, report: Report) -> list[dict[str, 
     return rows
 
 
+# -- hardening: kills under load, garbage, bursts ---------------------------------------
+
+
+def _ms(values: Sequence[float], key: str) -> str:
+    return fmt(summarize_ms(values).as_dict()[key], 3) if values else "-"
+
+
+def bench_hardening(
+    scenarios: set[str],
+    loops: dict[str, Any],
+    has_torch: bool,
+    *,
+    flooders: int,
+    bystanders: int,
+    garbage_bytes: int,
+    reps: int,
+    bursts: Sequence[tuple[int, int]],
+    report: Report,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if "load" in scenarios:
+        table = []
+        for name, measure in (("pipe", hardening.load_pipe), ("fifo", hardening.load_fifo)):
+            if name == "fifo" and not has_torch:
+                continue
+            for loop_name, factory in loops.items():
+                progress(f"load: {flooders} flooders over the {name}, on {loop_name}")
+                out = run_on(factory, measure(flooders, bystanders))
+                rows.append(
+                    {
+                        "scenario": "load",
+                        "transport": name,
+                        "loop": loop_name,
+                        "flooders": flooders,
+                        "decision_ms": summarize_ms(out.decisions).as_dict(),
+                        "flood_pairs_per_s": out.pairs_per_s,
+                        "missed": out.missed,
+                    }
+                )
+                table.append(
+                    [
+                        name,
+                        loop_name,
+                        str(flooders),
+                        str(len(out.decisions)),
+                        _ms(out.decisions, "p50"),
+                        _ms(out.decisions, "p99"),
+                        _ms(out.decisions, "max"),
+                        fmt(out.pairs_per_s, 0),
+                        str(out.missed),
+                    ]
+                )
+        report.table(
+            "Kill under load: bystanders hang while flooders run acquire+release pairs",
+            [
+                "transport",
+                "loop",
+                "flooders",
+                "kills",
+                "dec p50 ms",
+                "dec p99 ms",
+                "max",
+                "flood pairs/s",
+                "missed",
+            ],
+            table,
+        )
+    if "garbage" in scenarios:
+        table = []
+        for name, measure in (("pipe", hardening.garbage_pipe), ("fifo", hardening.garbage_fifo)):
+            if name == "fifo" and not has_torch:
+                continue
+            size = garbage_bytes if name == "pipe" else garbage_bytes // 2
+            for loop_name, factory in loops.items():
+                progress(f"garbage: {size:,} bytes on the {name}, on {loop_name}")
+                out = run_on(factory, measure(size, reps))
+                rows.append(
+                    {
+                        "scenario": "garbage",
+                        "transport": name,
+                        "loop": loop_name,
+                        "bytes": size,
+                        "decision_ms": summarize_ms(out.decisions).as_dict(),
+                        "log_records": out.log_records,
+                        "server_cpu_s": out.server_cpu_s,
+                        "missed": out.missed,
+                    }
+                )
+                table.append(
+                    [
+                        name,
+                        loop_name,
+                        f"{size:,}",
+                        _ms(out.decisions, "p50"),
+                        _ms(out.decisions, "max"),
+                        str(out.log_records),
+                        fmt(out.server_cpu_s, 3),
+                        str(out.missed),
+                    ]
+                )
+        report.table(
+            "Garbage: junk on one client's transport across a bystander's deadline",
+            [
+                "transport",
+                "loop",
+                "bytes",
+                "dec p50 ms",
+                "dec max ms",
+                "log records",
+                "server CPU s",
+                "missed",
+            ],
+            table,
+        )
+    if "burst" in scenarios:
+        table = []
+        for workers, each in bursts:
+            for loop_name, factory in loops.items():
+                progress(f"burst: {workers} x {each:,} timers due at once, on {loop_name}")
+                out = run_on(factory, hardening.burst(workers, each))
+                first = min(out.decisions) if out.decisions else math.nan
+                rows.append(
+                    {
+                        "scenario": "burst",
+                        "loop": loop_name,
+                        "workers": workers,
+                        "timers_each": each,
+                        "first_signal_ms": first * 1e3,
+                        "last_signal_ms": max(out.decisions, default=math.nan) * 1e3,
+                        "loop_blocked_ms": out.loop_blocked * 1e3,
+                        "missed": out.missed,
+                    }
+                )
+                table.append(
+                    [
+                        f"{workers} x {each:,}",
+                        loop_name,
+                        fmt(first * 1e3, 3),
+                        fmt(max(out.decisions, default=math.nan) * 1e3, 3),
+                        fmt(out.loop_blocked * 1e3, 1),
+                        str(out.missed),
+                    ]
+                )
+        report.table(
+            "Bursts: timers all due at one instant",
+            [
+                "workers x timers",
+                "loop",
+                "first signal ms late",
+                "last signal ms late",
+                "loop blocked ms",
+                "missed",
+            ],
+            table,
+        )
+    return rows
+
+
 # -- chart --------------------------------------------------------------------------
 
 
@@ -434,10 +592,13 @@ def chart(rows: list[dict[str, Any]], path: Path, machine: str) -> bool:
         return False
     kills = [r for r in rows if r["scenario"] == "kill" and r["kill_samples_ms"]]
     tput = [r for r in rows if r["scenario"] == "throughput"]
+    if not kills and not tput:
+        return False
     sizes = sorted({r["workers"] for r in kills})
     panels = [n for n in (sizes[:1] + sizes[-1:]) if n] if sizes else []
     panels = list(dict.fromkeys(panels))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(7 * (len(panels) + 1), 6))
+    fig, grid = plt.subplots(1, len(panels) + 1, figsize=(7 * (len(panels) + 1), 6), squeeze=False)
+    axes = list(grid[0])
     for ax, n in zip(axes, panels, strict=False):
         sel = [r for r in kills if r["workers"] == n]
         labels = [r["backend"] + (f" ({r['loop']})" if r["loop"] != "-" else "") for r in sel]
@@ -510,6 +671,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=ints, default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--calls", type=int, default=20_000, help="client: calls per figure")
+    parser.add_argument("--flooders", type=int, default=16, help="load: flooding workers")
+    parser.add_argument("--bystanders", type=int, default=20, help="load: hung bystanders")
+    parser.add_argument("--garbage-bytes", type=int, default=4 << 20, help="garbage: bytes")
+    parser.add_argument(
+        "--bursts",
+        default="10x10000,1x1000000",
+        help="burst: WORKERSxTIMERS, comma-separated",
+    )
     parser.add_argument(
         "--no-torch-defaults",
         action="store_true",
@@ -533,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.workers, args.reps, args.throughput_workers = [2], 1, [2]
         args.seconds, args.scale, args.idle_seconds, args.calls = 0.5, [1000, 10_000], 0.5, 2000
+        args.flooders, args.bystanders, args.garbage_bytes = 2, 2, 256 * 1024
+        args.bursts = "2x1000"
         torch_defaults = False
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -557,6 +728,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += bench_idle(args.idle_seconds, loops, has_torch, torch_defaults, report)
     if "client" in scenarios:
         rows += bench_client(args.calls, has_torch, report)
+    if scenarios & {"load", "garbage", "burst"}:
+        bursts = [tuple(int(x) for x in b.split("x")) for b in args.bursts.split(",") if b]
+        rows += bench_hardening(
+            scenarios,
+            loops,
+            has_torch,
+            flooders=args.flooders,
+            bystanders=args.bystanders,
+            garbage_bytes=args.garbage_bytes,
+            reps=1 if args.quick else 3,
+            bursts=[(w, t) for w, t in bursts],
+            report=report,
+        )
     elapsed = time.time() - started
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,278 @@
+"""Hardening scenarios: kills under load, under garbage, and in huge bursts.
+
+- ``load``: W workers flood the server with legitimate acquire+release pairs
+  while bystanders hang one after another: how late is each bystander's kill
+  (deadline -> signal), and how many pairs/s do the flooders still get through?
+  Over pipes (aiotimer's clients) and over the FIFO (torch's own clients).
+- ``garbage``: one worker writes megabytes of random bytes on its pipe (or junk
+  lines on the FIFO) across a bystander's deadline: how late is the kill, how
+  many log records did the garbage cost, and how much server CPU?
+- ``burst``: K timers in W workers all due at one instant: how late is the
+  first signal, and how long is the loop blocked?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from aiotimer import Event, KillWorkerProcess, TimerServer, Worker
+from aiotimer.transports import listen_fifo
+
+from ._procs import expect_line, python_worker_argv, start_torch_host, worker_env
+
+PIPE = asyncio.subprocess.PIPE
+#: How far ahead of "armed" a bystander's deadline lies.
+LEAD = 0.3
+
+
+@dataclass
+class Outcome:
+    """What one scenario measured."""
+
+    decisions: list[float] = field(default_factory=list)  # seconds, deadline -> signal
+    pairs_per_s: float = float("nan")
+    log_records: int = 0
+    server_cpu_s: float = float("nan")
+    loop_blocked: float = float("nan")
+    missed: int = 0
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Counting(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+
+
+def _decisions(server: TimerServer, into: list[float]) -> None:
+    def on_event(event: Event) -> None:
+        if isinstance(event, KillWorkerProcess):
+            into.append(event.latency)
+
+    server.events.subscribe(on_event)
+
+
+async def _spawn(server: TimerServer, *mode: str) -> Worker:
+    worker = await server.spawn(
+        *python_worker_argv(*mode), stdin=PIPE, stdout=PIPE, env=worker_env()
+    )
+    await expect_line(worker.stdout, b"ready")
+    return worker
+
+
+async def _pipe_bystander(server: TimerServer) -> bool:
+    """One worker arms a deadline ``LEAD`` ahead and hangs; whether it was killed."""
+    worker = await _spawn(server, "aiotimer")
+    assert worker.stdin is not None
+    worker.stdin.write(f"{time.monotonic() + LEAD!r}\n".encode())
+    await expect_line(worker.stdout, b"armed")
+    try:
+        return await asyncio.wait_for(worker.wait(), LEAD + 10) == -signal.SIGKILL
+    except TimeoutError:
+        worker.kill()
+        await worker.wait()
+        return False
+
+
+async def _torch_bystander(host: asyncio.subprocess.Process) -> None:
+    """A torch-client worker of ``host`` arms a deadline ``LEAD`` ahead and hangs."""
+    assert host.stdin is not None and host.stdout is not None
+    host.stdin.write(b"kill 1\n")
+    await host.stdout.readline()  # its pid
+    host.stdin.write(f"{time.monotonic() + LEAD!r}\n".encode())
+    await expect_line(host.stdout, b"armed")
+    await asyncio.sleep(LEAD + 0.2)
+
+
+async def _quit(host: asyncio.subprocess.Process) -> None:
+    assert host.stdin is not None
+    host.stdin.write(b"quit\n")
+    host.stdin.close()
+    await host.wait()
+
+
+# -- kill under load -----------------------------------------------------------------
+
+
+async def load_pipe(flooders: int, bystanders: int) -> Outcome:
+    """Bystanders hang one after another while ``flooders`` pipe workers flood the server."""
+    out = Outcome()
+    seconds = 2.0 + bystanders * (LEAD + 0.6)
+    async with TimerServer() as server:
+        _decisions(server, out.decisions)
+        floods = [
+            await server.spawn(
+                *python_worker_argv("pump", repr(seconds)),
+                stdin=PIPE,
+                stdout=PIPE,
+                env=worker_env(),
+            )
+            for _ in range(flooders)
+        ]
+        for f in floods:
+            await expect_line(f.stdout, b"ready")
+        for f in floods:
+            assert f.stdin is not None
+            f.stdin.write(b"go\n")
+        t0, base = time.monotonic(), server.statistics().requests
+        await asyncio.sleep(1.0)
+        for _ in range(bystanders):
+            out.missed += not await _pipe_bystander(server)
+        elapsed = time.monotonic() - t0
+        done = server.statistics().requests - base
+        for f in floods:
+            assert f.stdout is not None
+            await asyncio.wait_for(f.stdout.readline(), seconds + 60)
+            await f.wait()
+    out.pairs_per_s = done / 2 / elapsed
+    return out
+
+
+async def load_fifo(flooders: int, bystanders: int) -> Outcome:
+    """The same with torch's own ``FileTimerClient`` on a FIFO, flooders and bystanders alike."""
+    out = Outcome()
+    seconds = 2.0 + bystanders * (LEAD + 0.6)
+    with tempfile.TemporaryDirectory() as tmp:
+        fifo = os.path.join(tmp, "timer.fifo")
+        async with TimerServer() as server:
+            _decisions(server, out.decisions)
+            await listen_fifo(server, fifo)
+            flood = await start_torch_host("client-file", fifo)
+            hung = await start_torch_host("client-file", fifo)
+            assert flood.stdin is not None and flood.stdout is not None
+            flood.stdin.write(f"pump {flooders} {seconds!r}\n".encode())
+            t0, base = time.monotonic(), server.statistics().requests
+            await asyncio.sleep(1.0)
+            for _ in range(bystanders):
+                await _torch_bystander(hung)
+            elapsed = time.monotonic() - t0
+            done = server.statistics().requests - base
+            await asyncio.wait_for(flood.stdout.readline(), seconds + 60)
+            await _quit(flood)
+            await _quit(hung)
+    out.pairs_per_s = done / 2 / elapsed
+    out.missed = bystanders - len(out.decisions)
+    return out
+
+
+# -- garbage ---------------------------------------------------------------------------
+
+
+async def garbage_pipe(size: int, reps: int) -> Outcome:
+    """A worker writes ``size`` random bytes on its pipe across a bystander's deadline."""
+    out = Outcome()
+    counting = _Counting()
+    log = logging.getLogger("aiotimer")
+    log.addHandler(counting)
+    try:
+        async with TimerServer() as server:
+            _decisions(server, out.decisions)
+            cpu0 = _cpu()
+            for _ in range(reps):
+                polluter = await _spawn(server, "garbage", str(size))
+                bystander = await _spawn(server, "aiotimer")
+                assert polluter.stdin is not None and bystander.stdin is not None
+                deadline = time.monotonic() + LEAD
+                bystander.stdin.write(f"{deadline!r}\n".encode())
+                await expect_line(bystander.stdout, b"armed")
+                await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
+                polluter.stdin.write(b"go\n")  # the garbage flows across the deadline
+                await expect_line(polluter.stdout, b"done")
+                if await asyncio.wait_for(bystander.wait(), 30) != -signal.SIGKILL:
+                    out.missed += 1
+                polluter.stdin.close()
+                await polluter.wait()
+            out.server_cpu_s = (_cpu() - cpu0) / reps
+    finally:
+        log.removeHandler(counting)
+    out.log_records = counting.records // max(1, reps)
+    return out
+
+
+async def garbage_fifo(size: int, reps: int) -> Outcome:
+    """``size`` bytes of junk lines on the FIFO across a torch bystander's deadline."""
+    out = Outcome()
+    counting = _Counting()
+    log = logging.getLogger("aiotimer")
+    log.addHandler(counting)
+    junk_writer = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+        'junk = (b\'{"not": "a request"}\\n\' * (int(sys.argv[2]) // 20 + 1))[: int(sys.argv[2])]\n'
+        "for i in range(0, len(junk), 4096):\n"
+        "    os.write(fd, junk[i:i + 4096])\n"
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fifo = os.path.join(tmp, "timer.fifo")
+            async with TimerServer() as server:
+                _decisions(server, out.decisions)
+                await listen_fifo(server, fifo)
+                hung = await start_torch_host("client-file", fifo)
+                assert hung.stdin is not None and hung.stdout is not None
+                cpu0 = _cpu()
+                for _ in range(reps):
+                    hung.stdin.write(b"kill 1\n")
+                    await hung.stdout.readline()
+                    deadline = time.monotonic() + LEAD
+                    hung.stdin.write(f"{deadline!r}\n".encode())
+                    await expect_line(hung.stdout, b"armed")
+                    await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
+                    writer = await asyncio.create_subprocess_exec(
+                        sys.executable, "-c", junk_writer, fifo, str(size)
+                    )
+                    await writer.wait()
+                    await asyncio.sleep(0.3)
+                out.server_cpu_s = (_cpu() - cpu0) / reps
+                await _quit(hung)
+    finally:
+        log.removeHandler(counting)
+    out.log_records = counting.records // max(1, reps)
+    out.missed = reps - len(out.decisions)
+    return out
+
+
+# -- bursts ----------------------------------------------------------------------------
+
+
+async def burst(workers: int, timers_each: int) -> Outcome:
+    """``workers`` workers arm ``timers_each`` timers each, all due at one instant."""
+    out = Outcome()
+    lead = 2.0 + workers * timers_each / 100_000
+    async with TimerServer(max_timers_per_process=None, max_scope_chars_per_process=None) as server:
+        _decisions(server, out.decisions)
+        procs = [await _spawn(server, "burst", str(timers_each)) for _ in range(workers)]
+        deadline = time.monotonic() + lead
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{deadline!r}\n".encode())
+        for p in procs:
+            await asyncio.wait_for(expect_line(p.stdout, b"armed"), lead + 60)
+        total = workers * timers_each
+        while server.statistics().active_timers < total and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert server.statistics().active_timers == total, "armed after the deadline: raise lead"
+        # A probe wakes just after the deadline: how late it runs is how long the
+        # loop was kept busy by the burst.
+        probe = deadline + 0.001
+        await asyncio.sleep(max(0.0, probe - time.monotonic()))
+        out.loop_blocked = time.monotonic() - probe
+        for p in procs:
+            await asyncio.wait_for(p.wait(), 60)
+        out.missed = workers - len(out.decisions)
+    return out
