@@ -28,6 +28,7 @@ from ._events import EventBus as EventBus
 from ._events import KillWorkerProcess as KillWorkerProcess
 from ._events import LogEvent as LogEvent
 from ._events import RequestRejected as RequestRejected
+from ._events import SignalSent as SignalSent
 from ._events import Statistics as Statistics
 from ._events import TimerExpired as TimerExpired
 from ._events import WatchdogStarted as WatchdogStarted
@@ -73,6 +74,7 @@ __all__ = [
     "KillWorkerProcess",
     "LogEvent",
     "RequestRejected",
+    "SignalSent",
     "Statistics",
     "TimerExpired",
     "WatchdogStarted",

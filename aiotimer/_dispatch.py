@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ._clock import Cancellable, Clock, wall_to_monotonic
-from ._events import Counters, EventBus, RequestRejected, logger
+from ._events import EVENT_LOGGED, Counters, EventBus, RequestRejected, logger
 from ._heap import DeadlineHeap
 from ._processes import ProcessRegistry
 from ._protocol import Op, Request
@@ -83,7 +83,9 @@ class RejectionLog:
         for reason in reasons:
             if period.logged < self.full:
                 period.logged += 1
-                logger.warning("rejected a request on %s: %s", channel.name, reason)
+                logger.warning(
+                    "rejected a request on %s: %s", channel.name, reason, extra=EVENT_LOGGED
+                )
                 if self._events:
                     self._events.emit(RequestRejected(channel.name, reason))
             else:
@@ -100,6 +102,7 @@ class RejectionLog:
             period.name,
             self.period,
             period.last,
+            extra=EVENT_LOGGED,
         )
         if self._events:
             reason = f"{period.suppressed} more; the last: {period.last}"

@@ -16,16 +16,19 @@ from typing import Any, ClassVar
 __all__ = [
     "KILL_WORKER_PROCESS",
     "REQUEST_REJECTED",
+    "SIGNAL_SENT",
     "TIMER_EXPIRED",
     "WATCHDOG_STARTED",
     "WATCHDOG_STOPPED",
     "WORKER_EXITED",
+    "EVENT_LOGGED",
     "Counters",
     "Event",
     "EventBus",
     "KillWorkerProcess",
     "LogEvent",
     "RequestRejected",
+    "SignalSent",
     "Statistics",
     "TimerExpired",
     "WatchdogStarted",
@@ -37,6 +40,9 @@ __all__ = [
 logger = logging.getLogger("aiotimer")
 # A library leaves output to the application: no "last resort" printing to stderr.
 logger.addHandler(logging.NullHandler())
+#: ``extra=`` for log records that say what an event also says; an application
+#: that shows the events (``aiotimer run``) filters these out (``record.aiotimer_event``).
+EVENT_LOGGED = {"aiotimer_event": True}
 
 # torch's event names, so a torch ``log_event`` callback keeps working.
 WATCHDOG_STARTED = "watchdog started"
@@ -46,6 +52,7 @@ KILL_WORKER_PROCESS = "kill worker process"
 # aiotimer's own.
 WORKER_EXITED = "worker exited"
 REQUEST_REJECTED = "request rejected"
+SIGNAL_SENT = "signal sent"
 
 #: ``log_event(name, info)``: called on the loop for every event; must not block.
 LogEvent = Callable[[str, Mapping[str, object]], None]
@@ -89,6 +96,8 @@ class TimerExpired(Event):
     scope: str
     deadline: float
     lag: float
+    #: the spawned worker the process is, or descends from (``None``: not one of ours)
+    worker_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,22 @@ class KillWorkerProcess(Event):
     signal: int
     scopes: list[str]
     latency: float
+    #: the spawned worker the process is, or descends from (``None``: not one of ours)
+    worker_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class SignalSent(Event):
+    """A further signal went to a process already signalled: an escalation (SIGTERM -> SIGKILL).
+
+    ``latency`` is the delay from the earliest expired deadline to this signal.
+    """
+
+    name: ClassVar[str] = SIGNAL_SENT
+    pid: int
+    signal: int
+    latency: float
+    worker_pid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,12 @@ class Expiry:
         return self._timers[0].deadline
 
     @property
+    def worker_pid(self) -> int | None:
+        """The pid of the spawned worker this process is (or descends from), if any."""
+        worker = self._process.worker
+        return None if worker is None else worker.pid
+
+    @property
     def worker(self) -> Worker | None:
         """The spawned worker this process is (or descends from), if the server spawned it."""
         return self._process.worker

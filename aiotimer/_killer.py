@@ -18,7 +18,15 @@ from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any
 
 from ._clock import Clock
-from ._events import Counters, EventBus, KillWorkerProcess, TimerExpired, logger
+from ._events import (
+    EVENT_LOGGED,
+    Counters,
+    EventBus,
+    KillWorkerProcess,
+    SignalSent,
+    TimerExpired,
+    logger,
+)
 from ._expiry import Expiry, Reaper
 from ._heap import DeadlineHeap, Timer
 from ._linux import pidfd_alive
@@ -354,6 +362,8 @@ class Killer:
         for owner, timers in groups.items():
             process = by_id.get(owner)
             pid = process.pid if process is not None else None
+            worker = None if process is None else process.worker
+            worker_pid = None if worker is None else worker.pid
             counters.expiries += len(timers)
             for timer in timers:
                 counters.record_lag(now - timer.deadline)
@@ -366,12 +376,12 @@ class Killer:
                 scopes,
                 f" and {more} more" if more > 0 else "",
                 (now - timers[0].deadline) * 1e3,
+                extra=EVENT_LOGGED,
             )
             if events:
                 for timer in timers[:EVENTS_PER_PROCESS]:
-                    events.emit(
-                        TimerExpired(pid, timer.scope, timer.deadline, now - timer.deadline)
-                    )
+                    lag = now - timer.deadline
+                    events.emit(TimerExpired(pid, timer.scope, timer.deadline, lag, worker_pid))
 
     def _reaper_called(
         self,
@@ -400,9 +410,20 @@ class Killer:
     # -- kills -----------------------------------------------------------------
 
     def _signalled(self, expiry: Expiry, sig: int) -> None:
-        if len(expiry.signals_sent) != 1:
-            return
         at = self._clock.now()
+        if len(expiry.signals_sent) != 1:  # an escalation: reported as it happens
+            logger.warning(
+                "sent %s to pid %d (%.3f s after its deadline)",
+                _signal_name(sig),
+                expiry.pid,
+                at - expiry.deadline,
+                extra=EVENT_LOGGED,
+            )
+            if self._events:
+                self._events.emit(
+                    SignalSent(expiry.pid, sig, at - expiry.deadline, expiry.worker_pid)
+                )
+            return
         if self._kill_events is not None:  # in a burst: account for it after the burst
             self._kill_events.append((expiry, sig, at))
         else:
@@ -421,7 +442,10 @@ class Killer:
             _signal_name(sig),
             expiry.pid,
             latency * 1e3,
+            extra=EVENT_LOGGED,
         )
         if self._events:
             scopes = [t.scope for t in expiry.timers]
-            self._events.emit(KillWorkerProcess(expiry.pid, sig, scopes, latency))
+            self._events.emit(
+                KillWorkerProcess(expiry.pid, sig, scopes, latency, expiry.worker_pid)
+            )

@@ -25,7 +25,11 @@ __all__ = [
     "IN_NAME_CHANGES",
     "become_subreaper",
     "descends_from",
+    "descendants",
     "die_with_parent",
+    "environ_of",
+    "holds_pipe",
+    "live_processes",
     "inotify_names",
     "inotify_watch_dir",
     "open_pidfd",
@@ -132,6 +136,67 @@ def process_uid(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return None
+
+
+def holds_pipe(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` has the pipe with inode ``inode`` open (``/proc/PID/fd``)."""
+    wanted = f"pipe:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (``/proc/PID/environ``); empty if unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def live_processes() -> dict[int, int]:
+    """Every process this user can see that has not exited: pid -> parent pid."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            found[int(entry)] = int(fields[1])
+    return found
+
+
+def descendants(roots: set[int] | frozenset[int], processes: dict[int, int]) -> set[int]:
+    """The pids in ``processes`` (pid -> parent) that descend from any of ``roots``."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in processes.items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
 
 
 def descends_from(pid: int, ancestors: set[int] | frozenset[int]) -> bool:

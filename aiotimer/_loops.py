@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 
-__all__ = ["available_loops", "loop_factory", "pidfd_child_watcher"]
+__all__ = ["ENV_LOOP", "available_loops", "loop_factory", "pidfd_child_watcher"]
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -23,9 +24,23 @@ def available_loops() -> dict[str, LoopFactory]:
     return loops
 
 
+#: Environment variable choosing the loop of aiotimer's own programs: ``asyncio`` or ``uvloop``.
+ENV_LOOP = "AIOTIMER_LOOP"
+
+
 def loop_factory() -> LoopFactory:
-    """The loop aiotimer's own programs run on: uvloop when installed, else asyncio's."""
+    """The loop aiotimer's own programs run on: uvloop when installed, else asyncio's.
+
+    ``AIOTIMER_LOOP=asyncio`` (or ``uvloop``) in the environment chooses one.
+    """
     loops = available_loops()
+    wanted = os.environ.get(ENV_LOOP, "").strip().lower()
+    if wanted:
+        if wanted not in loops:
+            raise ValueError(
+                f"{ENV_LOOP} must be one of {', '.join(sorted(loops))}, got {wanted!r}"
+            )
+        return loops[wanted]
     return loops.get("uvloop", loops["asyncio"])
 
 

@@ -19,12 +19,24 @@ __all__ = ["Worker", "WorkerSet", "start_worker_process"]
 _CLOSE_WAIT = 5.0
 
 
-def _dies_with_this_process(then: Callable[[], object] | None) -> Callable[[], None]:
-    """A ``preexec_fn``: the worker is SIGKILLed if this process dies (even by SIGKILL)."""
+def _child_setup(keep: Sequence[int], then: Callable[[], object] | None) -> Callable[[], None]:
+    """A ``preexec_fn``: the worker dies with this process and inherits only the fds it should.
+
+    It is SIGKILLed if this process dies, however it dies (``PR_SET_PDEATHSIG``).
+    Every fd but stdin, stdout, stderr and ``keep`` is marked close-on-exec (not
+    closed: uvloop still uses some between fork and exec): uvloop has no
+    ``close_fds``, and its workers would otherwise inherit the launcher's fds.
+    """
     parent = os.getpid()
+    kept = frozenset((0, 1, 2, *keep))
 
     def preexec() -> None:
         die_with_parent(parent)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in kept:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
         if then is not None:
             then()
 
@@ -55,7 +67,7 @@ async def start_worker_process(
     pass_fds = (*kwargs.pop("pass_fds", ()), write_fd)
     if process_group:
         kwargs["start_new_session"] = True
-    kwargs["preexec_fn"] = _dies_with_this_process(kwargs.get("preexec_fn"))
+    kwargs["preexec_fn"] = _child_setup(pass_fds, kwargs.get("preexec_fn"))
     try:
         process = await asyncio.create_subprocess_exec(
             program, *args, env=child_env, pass_fds=pass_fds, **kwargs
@@ -74,6 +86,13 @@ class _Watch(Protocol):
     @property
     def exited(self) -> bool:
         """Whether the process has exited."""
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status, if the server could read it when it exited."""
+
+    def exit_future(self) -> asyncio.Future[None]:
+        """Done once the process has exited (seen through its pidfd)."""
 
     def send_signal(self, sig: int, *, group: bool = False) -> None:
         """Signal the process through its pidfd."""
@@ -131,7 +150,24 @@ class Worker:
         return self._process.stderr
 
     async def wait(self) -> int:
-        """Wait for the worker to exit and return its return code."""
+        """Wait for the worker to exit and return its return code.
+
+        Unlike ``asyncio.subprocess.Process.wait``, this returns when the
+        process has exited even if a descendant of it (a daemon) still holds its
+        stdout or stderr open: asyncio waits for those pipes to close as well.
+        """
+        watched = self.watched
+        if watched is None:
+            return await self._process.wait()
+        await asyncio.shield(watched.exit_future())
+        # The status: asyncio's child watcher reaps the worker and records it,
+        # in this loop turn or, with a watcher thread, a little later.
+        for _ in range(1000):
+            if self._process.returncode is not None:
+                return self._process.returncode
+            await asyncio.sleep(0.001)
+        if watched.returncode is not None:  # read when it exited, left for the watcher
+            return watched.returncode
         return await self._process.wait()
 
     def send_signal(self, sig: int) -> None:

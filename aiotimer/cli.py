@@ -1,35 +1,56 @@
-"""Command line: ``aiotimer run -n N -- CMD ...`` runs N watched copies of CMD."""
+"""The ``aiotimer`` command: argument parsing and ``main()``; the jobs live in ``launcher``.
+
+Errors are one line and an exit status, never a traceback: 2 for usage errors.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._loops import loop_factory, pidfd_child_watcher
 from ._reapers import SignalReaper
 from ._validate import check_seconds, check_signal
-from .launcher import run_job, serve_command
+from .launcher import EXIT_USAGE, Job, UsageError, serve_command
 
 __all__ = ["build_parser", "main"]
 
+_EXIT_CODES = """\
+exit status:
+  0    every rank succeeded
+  1    a rank failed on its own (exit status != 0, no watchdog expiry)
+  2    usage error (a missing or non-executable program included)
+  124  the last attempt ended with a watchdog expiry (even if the worker then exited 0)
+  128+n  the launcher was stopped by signal n (SIGTERM: 143, SIGINT: 130, ...)
+  141  its stdout was closed (| head): the job is stopped quietly
+"""
 
-def _positive_int(name: str) -> Callable[[str], int]:
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, naming the subcommand, and exit 2."""
+
+    #: the subcommands' parsers, by name
+    subcommands: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(name: str, minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0 or (name == "-n" and value == 0):
-            bound = ">= 1" if name == "-n" else ">= 0"
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
         return value
 
     return parse
@@ -69,60 +90,8 @@ def _bench(argv: list[str]) -> int:
             "from its top directory (or: python -m benchmarks)",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     return int(harness.main(argv))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``aiotimer`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="aiotimer", description="asyncio watchdog timers for training and job launchers"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="run N watched copies of a command",
-        description="Run N copies of CMD as watched workers; kill a worker whose "
-        "aiotimer.expires()/timer() block overruns, and restart it.",
-    )
-    run.add_argument("-n", "--nprocs", type=_positive_int("-n"), default=1, help="copies to run")
-    run.add_argument(
-        "--max-restarts",
-        type=_positive_int("--max-restarts"),
-        default=0,
-        help="restarts of a rank after a watchdog kill (default 0)",
-    )
-    _add_reaper_options(run)
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
-
-    serve = sub.add_parser(
-        "serve",
-        help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
-        description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
-        "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
-        "Exits with CMD's status.",
-    )
-    serve.add_argument(
-        "--fifo",
-        default=None,
-        help="FIFO path (default: a new one in the temporary directory)",
-    )
-    serve.add_argument(
-        "--root",
-        type=_positive_int("--root"),
-        action="append",
-        default=[],
-        help="also accept requests for descendants of this pid (repeatable)",
-    )
-    _add_reaper_options(serve)
-    serve.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
-
-    sub.add_parser(
-        "bench",
-        help="run the benchmark harness (from a source checkout): aiotimer bench --help",
-        add_help=False,
-    )
-    return parser
 
 
 def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
@@ -144,14 +113,139 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         default="WARNING",
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="level of aiotimer's own log on stderr (default WARNING)",
+        help="level of aiotimer's own log on stderr (default warning; any case)",
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aiotimer`` argument parser."""
+    from . import __version__
+
+    parser = _Parser(
+        prog="aiotimer", description="asyncio watchdog timers for training and job launchers"
+    )
+    parser.add_argument("--version", action="version", version=f"aiotimer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser(
+        "run",
+        help="run N watched copies of a command",
+        usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
+        "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--dump-stacks] "
+        "[--log-level LEVEL] -- CMD [ARGS...]",
+        description="Run N copies of CMD as watched workers, with torchrun's environment "
+        "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
+        "aiotimer.expires()/timer() block overruns, and restart the group.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "-n",
+        "--nproc-per-node",
+        "--nproc_per_node",
+        "--nprocs",
+        dest="nprocs",
+        type=_count("-n", 1),
+        default=1,
+        help="copies (ranks) to run (default 1)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        "--max_restarts",
+        dest="max_restarts",
+        type=_count("--max-restarts", 0),
+        default=0,
+        help="restarts after a failure or a watchdog kill (default 0)",
+    )
+    run.add_argument(
+        "--restart-policy",
+        choices=["group", "rank"],
+        default="group",
+        help="group: stop and restart every rank, as torchrun (default); "
+        "rank: restart only a rank the watchdog killed",
+    )
+    run.add_argument(
+        "--stop-grace",
+        type=_seconds("--stop-grace"),
+        default=10.0,
+        help="seconds between SIGTERM and SIGKILL when stopping the ranks (default 10)",
+    )
+    run.add_argument(
+        "--log-dir",
+        "--log_dir",
+        dest="log_dir",
+        default=None,
+        help="also write each rank's output to DIR/attempt_K/RANK/{stdout,stderr}.log",
+    )
+    _add_reaper_options(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
+        usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
+        "[--log-level LEVEL] -- CMD [ARGS...]",
+        description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
+        "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
+        "Exits with CMD's status.",
+    )
+    serve.add_argument(
+        "--fifo", default=None, help="FIFO path (default: a new one in the temporary directory)"
+    )
+    serve.add_argument(
+        "--root",
+        type=_count("--root", 1),
+        action="append",
+        default=[],
+        help="also accept requests for descendants of this pid (repeatable)",
+    )
+    _add_reaper_options(serve)
+    serve.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    sub.add_parser(
+        "bench",
+        help="run the benchmark harness (from a source checkout): aiotimer bench --help",
+        add_help=False,
+    )
+    parser.subcommands = {"run": run, "serve": serve}
+    return parser
+
+
+class _NotShownAsEvent(logging.Filter):
+    """Drops log records that repeat an event the launcher prints itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "aiotimer_event", False)
+
+
+def _configure_logging(level: str, *, events_printed: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("aiotimer %(levelname)s: %(message)s"))
+    if events_printed:
+        handler.addFilter(_NotShownAsEvent())
+    log = logging.getLogger("aiotimer")
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    async def on_own_loop() -> int:
+        async with pidfd_child_watcher():  # the CLI owns its loop: no thread per child
+            return await coro
+
+    try:
+        factory = loop_factory()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(on_own_loop())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``aiotimer`` command."""
+    """Entry point of the ``aiotimer`` command; returns the exit status."""
     parser = build_parser()
+    assert isinstance(parser, _Parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
@@ -159,33 +253,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    sub = parser.subcommands[args.command]
     if not cmd:
-        parser.error("a command to run is required after --")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("aiotimer %(levelname)s: %(message)s"))
-    log = logging.getLogger("aiotimer")
-    log.addHandler(handler)
-    log.setLevel(args.log_level)
+        sub.error("a command to run is required after --")
     reaper = SignalReaper(args.signal, grace=args.grace, dump_stacks=args.dump_stacks)
-    coro: Coroutine[Any, Any, int]
-    if args.command == "serve":
-        fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
-        coro = serve_command(cmd, fifo=fifo, roots=args.root, reaper=reaper)
-    else:
-        coro = run_job(cmd, nprocs=args.nprocs, max_restarts=args.max_restarts, reaper=reaper)
-    factory = loop_factory()
-
-    async def on_own_loop() -> int:
-        async with pidfd_child_watcher():  # the CLI owns its loop: no thread per child
-            return await coro
-
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(on_own_loop())
-    except KeyboardInterrupt:
-        return 130
+        if args.command == "serve":
+            _configure_logging(args.log_level, events_printed=False)
+            fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
+            return _run(serve_command(cmd, fifo=fifo, roots=args.root, reaper=reaper))
+        _configure_logging(args.log_level, events_printed=True)
+        job = Job(
+            cmd,
+            nprocs=args.nprocs,
+            max_restarts=args.max_restarts,
+            restart_policy=args.restart_policy,
+            reaper=reaper,
+            stop_grace=args.stop_grace,
+            log_dir=args.log_dir,
+        )
+        status = _run(job.run())
+        if job.output.closed:
+            # Nothing more reaches a closed stdout: not even the interpreter's last flush.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return status
+    except UsageError as exc:
+        sub.exit(EXIT_USAGE, f"{sub.prog}: error: {exc}\n")
+    except KeyboardInterrupt:  # before the job's own handlers were in place
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":  # pragma: no cover
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    sys.exit(main())

@@ -1,162 +1,517 @@
-"""``aiotimer run``'s job: ranks, restarts, output relay, exit codes; and ``aiotimer serve``."""
+"""``aiotimer run``: N watched copies of a command, run as torchrun runs them; ``aiotimer serve``.
+
+The launcher is what a scheduler (systemd, Slurm, Kubernetes) and a shell talk
+to, so it keeps their conventions:
+
+- SIGTERM, SIGINT, SIGHUP and SIGQUIT (torchrun's set) are forwarded to every
+  worker as SIGTERM; after ``stop_grace`` seconds the rest get SIGKILL; the
+  launcher exits 128 + the signal's number.  If the launcher itself is
+  SIGKILLed, the kernel kills every worker (``PR_SET_PDEATHSIG``).
+- It is a child subreaper: a worker's daemonised or double-forked descendants
+  are re-parented to it, stay watched, and are killed when their attempt ends.
+- Restarts follow torchrun: when a rank fails or its watchdog fires, the whole
+  group is stopped and started again (``restart_policy="group"``), up to
+  ``max_restarts`` times; ``"rank"`` restarts only a rank the watchdog killed.
+- Worker output is relayed in chunks, whatever the line length (``\\r`` progress
+  bars included): stdout to stdout, stderr to stderr, a ``[rankK]: `` prefix at
+  the start of each line.  The launcher's own lines go to stderr, once each.
+- Exit status: 0 every rank succeeded; 124 the last attempt ended with a
+  watchdog expiry; 1 a rank failed on its own; 2 a usage error; 128+n stopped
+  by signal n; 141 (SIGPIPE's) when its stdout was closed (``| head``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from pathlib import Path
+from typing import BinaryIO
 
-from ._events import KILL_WORKER_PROCESS, TIMER_EXPIRED
-from ._reapers import SignalReaper
+from ._events import Event, KillWorkerProcess, RequestRejected, SignalSent, TimerExpired
+from ._expiry import Reaper
+from ._linux import become_subreaper, descendants, environ_of, live_processes
 from ._server import TimerServer
+from ._workers import Worker
 
-__all__ = ["EXIT_WATCHDOG", "EXIT_WORKER_FAILED", "RankResult", "run_job", "serve_command"]
+__all__ = [
+    "EXIT_SIGPIPE",
+    "EXIT_USAGE",
+    "EXIT_WATCHDOG",
+    "EXIT_WORKER_FAILED",
+    "STOP_SIGNALS",
+    "Job",
+    "RankResult",
+    "UsageError",
+    "resolve_program",
+    "serve_command",
+]
 
-#: ``aiotimer run`` exit status when a worker was still hanging after its last restart.
-EXIT_WATCHDOG = 124
-#: ``aiotimer run`` exit status when a worker failed on its own.
+#: A rank failed on its own.
 EXIT_WORKER_FAILED = 1
+#: A usage error (a missing or non-executable program included).
+EXIT_USAGE = 2
+#: The last attempt ended with a watchdog expiry (``timeout(1)``'s status).
+EXIT_WATCHDOG = 124
+#: The launcher's stdout was closed (128 + SIGPIPE, as a shell reports it).
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
+#: Signals the launcher stops on, as torchrun does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: The environment variable that marks every process of one attempt of a rank.
+ENV_TOKEN = "AIOTIMER_JOB_TOKEN"
+_CHUNK = 64 * 1024
+_LINE_BREAK = re.compile(rb"(\n|\r)")
+
+
+class UsageError(Exception):
+    """A mistake in how the launcher was called; the CLI prints it on one line and exits 2."""
+
+
+def resolve_program(name: str) -> str:
+    """The path ``name`` runs as, or ``UsageError`` naming it (missing, or not executable)."""
+    if os.sep in name:
+        if not os.path.exists(name):
+            raise UsageError(f"{name}: no such file")
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            raise UsageError(f"{name}: not an executable program")
+        return name
+    found = shutil.which(name)
+    if found is None:
+        raise UsageError(f"{name}: command not found")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 @dataclass
 class RankResult:
-    """How one rank of ``aiotimer run`` ended."""
+    """How one rank of a job ended."""
 
     rank: int
     returncode: int | None = None
     attempts: int = 0
+    #: the scopes the watchdog fired on, per attempt
     watchdog_kills: list[str] = field(default_factory=list)
+    #: whether the rank's last attempt ended with a watchdog expiry
+    expired: bool = False
 
     def describe(self) -> str:
         """One line for the summary."""
         restarts = self.attempts - 1
-        tail = f" after {restarts} restart{'s' if restarts != 1 else ''}" if restarts else ""
+        tail = f" after {restarts} restart{'s' if restarts != 1 else ''}" if restarts > 0 else ""
         kills = f"; watchdog kills: {'; '.join(self.watchdog_kills)}" if self.watchdog_kills else ""
-        if self.returncode == 0:
+        if self.returncode == 0 and not self.expired:
             return f"rank {self.rank}: ok{tail}{kills}"
-        if self.returncode is not None and self.returncode < 0:
-            name = signal.Signals(-self.returncode).name
-            status = f"killed by {name}"
+        if self.returncode is None:
+            status = "did not start"
+        elif self.returncode < 0:
+            status = f"killed by {_signal_name(-self.returncode)}"
         else:
             status = f"exit status {self.returncode}"
+        if self.expired:
+            status = f"its watchdog fired, then {status}"
         return f"rank {self.rank}: FAILED, {status}{tail}{kills}"
 
 
-class _Printer:
-    """Prints worker output with a rank prefix, and the watchdog's actions as they happen."""
+class Output:
+    """Where the launcher writes: worker stdout to ``out``; worker stderr, its own lines to ``err``.
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.ranks: dict[int, int] = {}
+    ``on_closed`` is called once if ``out`` is closed under it (``| head``).
+    """
 
-    def line(self, text: str) -> None:
-        self.out.write(text if text.endswith("\n") else text + "\n")
-        self.out.flush()
+    def __init__(self, out: BinaryIO, err: BinaryIO, on_closed: Callable[[], None]) -> None:
+        self._out = out
+        self._err = err
+        self._on_closed = on_closed
+        self.closed = False
 
-    def who(self, pid: object) -> str:
-        rank = self.ranks.get(pid) if isinstance(pid, int) else None
-        return f"rank {rank} (pid {pid})" if rank is not None else f"pid {pid}"
+    def write(self, to_err: bool, data: bytes) -> None:
+        """Write worker output."""
+        stream = self._err if to_err else self._out
+        if self.closed and not to_err:
+            return
+        try:
+            stream.write(data)
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            if not to_err and not self.closed:
+                self.closed = True
+                self._on_closed()
 
-    def event(self, name: str, info: Mapping[str, object]) -> None:
-        if name == TIMER_EXPIRED:
-            lag = info.get("lag")
-            late = f"{lag * 1e3:.2f} ms" if isinstance(lag, float) else "?"
-            self.line(
-                f"aiotimer: {self.who(info.get('pid'))}: timer {info.get('scope')!r} "
-                f"expired ({late} after its deadline)"
-            )
-        elif name == KILL_WORKER_PROCESS:
-            sig = info.get("signal")
-            sig_name = signal.Signals(sig).name if isinstance(sig, int) and sig > 0 else str(sig)
-            latency = info.get("latency")
-            late = f"{latency * 1e3:.2f} ms" if isinstance(latency, float) else "?"
-            self.line(
-                f"aiotimer: sent {sig_name} to {self.who(info.get('pid'))} "
-                f"({late} after the deadline)"
-            )
+    def say(self, text: str) -> None:
+        """One line of the launcher's own."""
+        self.write(True, f"aiotimer: {text}\n".encode())
 
-    async def pump(self, stream: asyncio.StreamReader | None, prefix: str) -> None:
+
+class _Relay:
+    """Copies one worker stream to the output in chunks, a rank prefix at each line start.
+
+    A chunk's unfinished last line (no ``\\n`` or ``\\r`` yet) is held back until
+    the next chunk or a short quiet spell, so one rank's line is seldom split by
+    another's; a line longer than a chunk passes through in pieces.
+    """
+
+    #: How long an unfinished line waits for its end before it is written as it is.
+    HOLD = 0.02
+
+    def __init__(self, output: Output, prefix: bytes, to_err: bool, log: Path | None) -> None:
+        self._output = output
+        self._prefix = prefix
+        self._to_err = to_err
+        self._log = log
+        self._at_line_start = True
+        self._held = b""
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        # A line starts after "\\n", and after "\\r" too (a progress bar redraws its line).
+        pieces = _LINE_BREAK.split(data)
+        for i in range(0, len(pieces), 2):
+            if pieces[i] and (i > 0 or self._at_line_start):
+                pieces[i] = self._prefix + pieces[i]
+        self._at_line_start = data.endswith((b"\n", b"\r"))
+        self._output.write(self._to_err, b"".join(pieces))
+
+    async def run(self, stream: asyncio.StreamReader | None) -> None:
+        """Relay ``stream`` until its end of file."""
         if stream is None:
             return
-        while line := await stream.readline():
-            self.line(prefix + line.decode(errors="replace"))
-
-
-async def run_job(
-    command: Sequence[str],
-    *,
-    nprocs: int = 1,
-    max_restarts: int = 0,
-    reaper: SignalReaper | None = None,
-    out: TextIO | None = None,
-) -> int:
-    """Run ``nprocs`` watched copies of ``command``; return the job's exit status.
-
-    Each copy gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``
-    and ``AIOTIMER_RESTART_COUNT`` as torchrun would set them.  A copy killed by
-    the watchdog is restarted up to ``max_restarts`` times.  Returns 0 when every
-    rank succeeded, 124 when one was still hanging after its last restart, and
-    1 when one failed on its own.
-    """
-    if not command:
-        raise ValueError("`command` must name a program to run, got an empty command")
-    printer = _Printer(sys.stdout if out is None else out)
-    results = [RankResult(rank) for rank in range(nprocs)]
-
-    async with TimerServer(reaper=reaper, log_event=printer.event) as server:
-
-        async def run_rank(result: RankResult) -> None:
-            rank = result.rank
+        log = None
+        if self._log is not None:
+            self._log.parent.mkdir(parents=True, exist_ok=True)
+            log = self._log.open("ab")
+        try:
             while True:
-                env = dict(os.environ)
-                env.update(
-                    RANK=str(rank),
-                    LOCAL_RANK=str(rank),
-                    WORLD_SIZE=str(nprocs),
-                    LOCAL_WORLD_SIZE=str(nprocs),
-                    AIOTIMER_RESTART_COUNT=str(result.attempts),
-                    PYTHONUNBUFFERED="1",
-                )
-                worker = await server.spawn(
-                    command[0],
-                    *command[1:],
-                    env=env,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
-                printer.ranks[worker.pid] = rank
-                result.attempts += 1
-                prefix = f"[rank{rank}]: "
-                await asyncio.gather(
-                    printer.pump(worker.stdout, prefix), printer.pump(worker.stderr, prefix)
-                )
-                result.returncode = await worker.wait()
-                if worker.killed_by_watchdog:
-                    result.watchdog_kills.append(
-                        f"attempt {result.attempts - 1} in {', '.join(worker.expired_scopes)}"
-                    )
-                    if result.attempts <= max_restarts:
-                        printer.line(
-                            f"aiotimer: restarting rank {rank} "
-                            f"(restart {result.attempts} of {max_restarts})"
-                        )
-                        continue
+                try:
+                    timeout = self.HOLD if self._held else None
+                    chunk = await asyncio.wait_for(stream.read(_CHUNK), timeout)
+                except TimeoutError:
+                    self._emit(self._held)  # a quiet spell: write the line as it stands
+                    self._held = b""
+                    continue
+                if not chunk:
+                    break
+                if log is not None:
+                    log.write(chunk)
+                    log.flush()
+                data = self._held + chunk
+                end = max(data.rfind(b"\n") + 1, data.rfind(b"\r"))
+                if len(data) - end > _CHUNK:
+                    end = len(data)  # a very long line: pass it through in pieces
+                self._held = data[end:]
+                self._emit(data[:end])
+            self._emit(self._held)
+        finally:
+            if log is not None:
+                log.close()
+
+
+@dataclass
+class _Rank:
+    """One rank in one attempt."""
+
+    result: RankResult
+    worker: Worker
+    token: str
+    relays: list[asyncio.Task[None]]
+    expired_scopes: list[str] = field(default_factory=list)
+
+
+class Job:
+    """``aiotimer run``: ``nprocs`` watched copies of ``command``, restarted as torchrun would."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        nprocs: int = 1,
+        max_restarts: int = 0,
+        restart_policy: str = "group",
+        reaper: Reaper | None = None,
+        stop_grace: float = 10.0,
+        log_dir: str | os.PathLike[str] | None = None,
+        output: Output | None = None,
+    ) -> None:
+        if not command:
+            raise UsageError("a command to run is required after --")
+        if restart_policy not in ("group", "rank"):
+            raise ValueError(f"`restart_policy` must be 'group' or 'rank', got {restart_policy!r}")
+        self.command = [resolve_program(command[0]), *command[1:]]
+        self.nprocs = nprocs
+        self.max_restarts = max_restarts
+        self.restart_policy = restart_policy
+        self.stop_grace = stop_grace
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self._reaper = reaper
+        self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer, self._stdout_closed)
+        self.results = [RankResult(rank) for rank in range(nprocs)]
+        self._job_id = uuid.uuid4().hex[:12]
+        self._stop_signal = 0
+        self._stopped = asyncio.Event()
+        self._force = False
+        self._live: dict[int, _Rank] = {}  # worker pid -> rank, this attempt
+
+    # -- stopping ----------------------------------------------------------
+
+    def stop(self, signum: int) -> None:
+        """Stop the job as if it got signal ``signum``; a second stop kills at once."""
+        if self._stop_signal:
+            self._force = True
+            for rank in self._live.values():
+                rank.worker.kill()
+            return
+        self._stop_signal = signum
+        self.output.say(
+            f"got {_signal_name(signum)}: stopping every rank (SIGTERM, then SIGKILL after "
+            f"{self.stop_grace:g}s)"
+        )
+        self._stopped.set()
+
+    def _stdout_closed(self) -> None:
+        if not self._stop_signal:
+            self._stop_signal = signal.SIGPIPE
+            self._stopped.set()
+
+    # -- events ------------------------------------------------------------
+
+    def _who(self, pid: int | None, worker_pid: int | None) -> str:
+        rank = self._live.get(worker_pid) if worker_pid is not None else None
+        if rank is None:
+            return f"pid {pid}"
+        if pid == worker_pid:
+            return f"rank {rank.result.rank} (pid {pid})"
+        return f"rank {rank.result.rank}'s descendant pid {pid}"
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TimerExpired):
+            rank = self._live.get(event.worker_pid) if event.worker_pid is not None else None
+            if rank is not None and event.pid == event.worker_pid:
+                rank.expired_scopes.append(event.scope)
+            self.output.say(
+                f"{self._who(event.pid, event.worker_pid)}: timer {event.scope!r} expired "
+                f"({event.lag * 1e3:.2f} ms after its deadline)"
+            )
+        elif isinstance(event, KillWorkerProcess):
+            self.output.say(
+                f"sent {_signal_name(event.signal)} to {self._who(event.pid, event.worker_pid)} "
+                f"({event.latency * 1e3:.2f} ms after the deadline)"
+            )
+        elif isinstance(event, SignalSent):
+            self.output.say(
+                f"{self._who(event.pid, event.worker_pid)} still running "
+                f"{event.latency:.1f}s after the deadline: sent {_signal_name(event.signal)}"
+            )
+        elif isinstance(event, RequestRejected):
+            self.output.say(f"rejected a request on {event.channel}: {event.reason}")
+
+    # -- ranks ---------------------------------------------------------------
+
+    def _environment(self, rank: int, attempt: int, master_port: int, token: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(master_port))
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            GROUP_RANK="0",
+            WORLD_SIZE=str(self.nprocs),
+            LOCAL_WORLD_SIZE=str(self.nprocs),
+            AIOTIMER_RESTART_COUNT=str(attempt),
+            TORCHELASTIC_RESTART_COUNT=str(attempt),
+            TORCHELASTIC_MAX_RESTARTS=str(self.max_restarts),
+            PYTHONUNBUFFERED="1",
+        )
+        env[ENV_TOKEN] = token
+        return env
+
+    async def _start_rank(
+        self, server: TimerServer, result: RankResult, attempt: int, master_port: int
+    ) -> _Rank:
+        token = f"{self._job_id}/{result.rank}/{attempt}"
+        pipe = asyncio.subprocess.PIPE
+        worker = await server.spawn(
+            *self.command,
+            env=self._environment(result.rank, attempt, master_port, token),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=pipe,
+            stderr=pipe,
+        )
+        result.attempts = attempt + 1
+        prefix = f"[rank{result.rank}]: ".encode()
+        logs = self.log_dir / f"attempt_{attempt}" / str(result.rank) if self.log_dir else None
+        relays = [
+            asyncio.create_task(
+                _Relay(self.output, prefix, to_err, logs / name if logs else None).run(stream)
+            )
+            for to_err, name, stream in (
+                (False, "stdout.log", worker.stdout),
+                (True, "stderr.log", worker.stderr),
+            )
+        ]
+        rank = _Rank(result, worker, token, relays)
+        self._live[worker.pid] = rank
+        return rank
+
+    async def _end(self, ranks: Sequence[_Rank]) -> None:
+        """Stop what is left of ``ranks``: SIGTERM, the grace, SIGKILL; then their descendants."""
+        running = [r for r in ranks if r.worker.returncode is None]
+        for rank in running:
+            rank.worker.terminate()
+        if running and not self._force:
+            waits = [asyncio.create_task(r.worker.wait()) for r in running]
+            _, late = await asyncio.wait(waits, timeout=self.stop_grace)
+            for task in late:
+                task.cancel()
+        for rank in running:
+            if rank.worker.returncode is None:
+                rank.worker.kill()
+        for rank in ranks:
+            await rank.worker.wait()
+        kill_descendants({r.worker.pid for r in ranks}, {r.token for r in ranks})
+        for rank in ranks:
+            # The descendants are gone, so are the last writers: the relays end.
+            _, unfinished = await asyncio.wait(rank.relays, timeout=5.0)
+            for relay in unfinished:
+                relay.cancel()
+            self._live.pop(rank.worker.pid, None)
+
+    def _settle(self, rank: _Rank, attempt: int) -> bool:
+        """Record how ``rank`` ended; whether it ended well (exit 0, no expiry)."""
+        result = rank.result
+        result.returncode = rank.worker.returncode
+        result.expired = bool(rank.expired_scopes) or rank.worker.killed_by_watchdog
+        if result.expired:
+            scopes = ", ".join(dict.fromkeys(rank.expired_scopes)) or "?"
+            result.watchdog_kills.append(f"attempt {attempt} in {scopes}")
+        return result.returncode == 0 and not result.expired
+
+    # -- the two restart policies ---------------------------------------------
+
+    async def _run_group(self, server: TimerServer) -> None:
+        for attempt in range(self.max_restarts + 1):
+            port = _free_port()
+            ranks = [await self._start_rank(server, r, attempt, port) for r in self.results]
+            pending = {asyncio.create_task(r.worker.wait()): r for r in ranks}
+            stop = asyncio.create_task(self._stopped.wait())
+            failed = False
+            while pending and not failed and not stop.done():
+                done, _ = await asyncio.wait([*pending, stop], return_when=asyncio.FIRST_COMPLETED)
+                for task in done & pending.keys():
+                    rank = pending.pop(task)
+                    failed = failed or rank.worker.returncode != 0 or bool(rank.expired_scopes)
+            stop.cancel()
+            for task in pending:
+                task.cancel()
+            await self._end(ranks)
+            ok = all([self._settle(r, attempt) for r in ranks])
+            if ok or self._stop_signal or attempt == self.max_restarts:
                 return
+            self.output.say(
+                f"restarting all {self.nprocs} ranks (restart {attempt + 1} of {self.max_restarts})"
+            )
 
-        await asyncio.gather(*(run_rank(r) for r in results))
+    async def _run_rank(self, server: TimerServer, result: RankResult) -> None:
+        for attempt in range(self.max_restarts + 1):
+            rank = await self._start_rank(server, result, attempt, _free_port())
+            wait = asyncio.create_task(rank.worker.wait())
+            stop = asyncio.create_task(self._stopped.wait())
+            await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            await self._end([rank])
+            ok = self._settle(rank, attempt)
+            if ok or not result.expired or self._stop_signal or attempt == self.max_restarts:
+                return
+            self.output.say(
+                f"restarting rank {result.rank} (restart {attempt + 1} of {self.max_restarts})"
+            )
 
-    printer.line("aiotimer: summary")
-    for result in results:
-        printer.line("  " + result.describe())
-    if any(r.returncode != 0 and r.watchdog_kills for r in results):
-        return EXIT_WATCHDOG
-    if any(r.returncode != 0 for r in results):
-        return EXIT_WORKER_FAILED
-    return 0
+    # -- the job -----------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run the job to its end; return its exit status."""
+        become_subreaper()
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.stop, sig)
+        try:
+            async with TimerServer(reaper=self._reaper) as server:
+                server.events.subscribe(self._on_event)
+                if self.restart_policy == "group":
+                    await self._run_group(server)
+                else:
+                    await asyncio.gather(*(self._run_rank(server, r) for r in self.results))
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+        if self._stop_signal == signal.SIGPIPE:
+            return EXIT_SIGPIPE
+        self.output.say("summary")
+        for result in self.results:
+            self.output.write(True, f"  {result.describe()}\n".encode())
+        if self._stop_signal:
+            return 128 + self._stop_signal
+        if any(r.expired for r in self.results):
+            return EXIT_WATCHDOG
+        if any(r.returncode != 0 for r in self.results):
+            return EXIT_WORKER_FAILED
+        return 0
+
+
+def kill_descendants(workers: set[int], tokens: set[str]) -> int:
+    """SIGKILL what is left of some workers' process trees; return how many were killed.
+
+    A process belongs to them if it descends from one of ``workers`` or, having
+    been re-parented when its parent exited, still carries one of ``tokens`` in
+    its environment.  Those re-parented to this process (a subreaper) are reaped.
+    """
+    me = os.getpid()
+    processes = live_processes()
+    doomed = descendants(frozenset(workers), processes)
+    for pid, parent in processes.items():
+        adopted = pid not in doomed and pid not in workers and parent in (me, 1)
+        if adopted and environ_of(pid).get(ENV_TOKEN) in tokens:
+            doomed.add(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in doomed:  # our adopted children: reap them, so no zombie is left
+        if processes.get(pid) == me:
+            _reap(pid)
+    return len(doomed)
+
+
+def _reap(pid: int, timeout: float = 1.0) -> None:
+    """Reap our child ``pid`` (just SIGKILLed), waiting at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.001)
 
 
 async def serve_command(
@@ -164,30 +519,42 @@ async def serve_command(
     *,
     fifo: str,
     roots: Sequence[int] = (),
-    reaper: SignalReaper | None = None,
+    reaper: Reaper | None = None,
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
 
     ``command`` (torchrun, typically) gets ``TORCHELASTIC_TIMER_FILE=fifo``, which
     torchrun hands on to every worker, so workers that use torch's own
-    ``FileTimerClient`` are served by aiotimer.  SIGINT and SIGTERM are passed
-    on to the command.
+    ``FileTimerClient`` are served by aiotimer.  SIGTERM, SIGINT, SIGHUP and SIGQUIT
+    are passed on to the command; what it leaves behind is killed when it exits.
     """
-    from .transports.fifo import listen_fifo
+    from .transports.fifo import check_fifo_path, listen_fifo
 
     if not command:
-        raise ValueError("`command` must name a program to run, got an empty command")
+        raise UsageError("a command to run is required after --")
+    program = resolve_program(command[0])
+    directory = os.path.dirname(os.path.abspath(fifo))
+    if not os.path.isdir(directory):
+        raise UsageError(f"--fifo {fifo}: no such directory {directory}")
+    try:
+        check_fifo_path(fifo, "--fifo")
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    become_subreaper()
+    token = uuid.uuid4().hex
     async with TimerServer(reaper=reaper) as server:
         await listen_fifo(server, fifo, roots=roots)
         env = dict(os.environ)
         env["TORCHELASTIC_TIMER_FILE"] = fifo
-        child = await server.spawn(command[0], *command[1:], env=env)
+        env[ENV_TOKEN] = token
+        child = await server.spawn(program, *command[1:], env=env)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, child.send_signal, sig)
         try:
             returncode = await child.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            kill_descendants({child.pid}, {token})
     return returncode if returncode >= 0 else 128 - returncode

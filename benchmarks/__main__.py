@@ -1,7 +1,8 @@
 """aiotimer's benchmark harness: aiotimer against torch's timer servers, in one run.
 
-    python -m benchmarks            # the full run (several minutes)
-    python -m benchmarks --quick    # every figure, small sizes (under a minute)
+    python -m benchmarks            # the full run (several minutes), into benchmarks/results/local/
+    python -m benchmarks --quick    # every figure, small sizes (about a minute)
+    python -m benchmarks --publish  # a full run that updates the README's table and chart
 
 Scenarios: kill (kill latency vs the floor), throughput, scale, idle, client;
 aiotimer's rows run on asyncio and on uvloop.  Prints tables with progress on
@@ -30,6 +31,9 @@ from . import client, hardening, idle, kill, scale, throughput
 from ._stats import median, summarize_ms
 
 ROOT = Path(__file__).resolve().parent.parent
+#: What the README publishes: only ``--publish`` writes here.
+PUBLISHED = ROOT / "benchmarks" / "results"
+PUBLISHED_CHART = ROOT / "docs" / "benchmark.png"
 SCENARIOS = ("kill", "throughput", "scale", "idle", "client", "load", "garbage", "burst")
 
 
@@ -687,14 +691,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "benchmarks" / "results",
-        help="where latest.json and latest.md go",
+        default=None,
+        help="where latest.json and latest.md go (default: benchmarks/results/local/, "
+        "untracked; with --publish: benchmarks/results/)",
     )
-    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmark.png")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="the chart's path (default: OUT/benchmark.png; with --publish: docs/benchmark.png)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the README's published table and chart (a full run only)",
+    )
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the chart from --out's latest.json"
     )
     args = parser.parse_args(argv)
+    if args.publish and args.quick:
+        parser.error("--publish: only a full run updates the published figures, not --quick")
+    if args.out is None:
+        args.out = PUBLISHED if args.publish else ROOT / "benchmarks" / "results" / "local"
+    if args.chart is None:
+        args.chart = PUBLISHED_CHART if args.publish else args.out / "benchmark.png"
     if args.replot:
         saved = json.loads((args.out / "latest.json").read_text())
         return 0 if chart(saved["rows"], args.chart, saved["machine"]) else 1

@@ -1,4 +1,4 @@
-"""The `aiotimer run` launcher, end to end, as a user runs it."""
+"""The ``aiotimer`` command's arguments and errors: one line, exit 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import aiotimer
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = str(ROOT / "examples" / "flaky_worker.py")
 
 
-def aiotimer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def aiotimer_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aiotimer", *args],
         capture_output=True,
@@ -24,70 +25,63 @@ def aiotimer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
     )
 
 
-def test_demo_kills_the_hung_ranks_and_restarts_them() -> None:
-    result = aiotimer("run", "-n", "2", "--max-restarts", "1", "--", sys.executable, EXAMPLE)
-    out = result.stdout
-    assert result.returncode == 0, out + result.stderr
-    assert "[rank1]: step 2: hanging (attempt 0)" in out
-    assert "timer 'step' expired" in out and "sent SIGKILL to rank 1" in out
-    assert "restarting rank 1 (restart 1 of 1)" in out
-    assert "[rank1]: finished" in out and "[rank0]: finished" in out
-    assert "rank 0: ok" in out
-    assert "rank 1: ok after 1 restart; watchdog kills: attempt 0 in step" in out
-
-
-def test_a_rank_still_hanging_after_its_restarts_exits_124() -> None:
-    result = aiotimer("run", "-n", "2", "--", sys.executable, EXAMPLE)
-    assert result.returncode == 124, result.stdout + result.stderr
-    assert "rank 1: FAILED, killed by SIGKILL; watchdog kills: attempt 0 in step" in result.stdout
-
-
-def test_a_rank_that_fails_on_its_own_exits_1() -> None:
-    result = aiotimer("run", "-n", "1", "--", sys.executable, "-c", "raise SystemExit(3)")
-    assert result.returncode == 1
-    assert "rank 0: FAILED, exit status 3" in result.stdout
-
-
-def test_ranks_get_torchrun_style_environment() -> None:
-    code = (
-        "import os; print(os.environ['RANK'], os.environ['LOCAL_RANK'], "
-        "os.environ['WORLD_SIZE'], os.environ['AIOTIMER_RESTART_COUNT'])"
-    )
-    result = aiotimer("run", "-n", "3", "--", sys.executable, "-c", code)
-    assert result.returncode == 0
-    for rank in range(3):
-        assert f"[rank{rank}]: {rank} {rank} 3 0" in result.stdout
-
-
-def test_sigterm_with_grace_and_stack_dump_options() -> None:
-    result = aiotimer(
-        "run",
-        "--signal",
-        "TERM",
-        "--grace",
-        "1",
-        "--dump-stacks",
-        "--",
-        sys.executable,
-        "-c",
-        "import aiotimer, time\nwith aiotimer.expires(after=0.3, scope='s'):\n    time.sleep(60)",
-    )
-    assert result.returncode == 124
-    assert "sent SIGTERM to rank 0" in result.stdout
-    assert "Current thread" in result.stdout or "Thread 0x" in result.stdout  # the stack dump
-    assert "killed by SIGTERM" in result.stdout
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["run", "-n", "0", "--", "true"], "-n must be >= 1, got 0"),
         (["run", "--signal", "NOPE", "--", "true"], "`--signal` must name a signal, got 'NOPE'"),
         (["run", "--grace", "-2", "--", "true"], "`--grace` must be a finite number of seconds"),
-        (["run"], "a command to run is required"),
+        (["run", "--restart-policy", "some", "--", "true"], "invalid choice: 'some'"),
+        (["run"], "aiotimer run: error: a command to run is required after --"),
+        (["run", "--"], "aiotimer run: error: a command to run is required after --"),
+        (["run", "--", "no-such-program-xyz"], "no-such-program-xyz: command not found"),
+        (["run", "--", "/dev/null"], "/dev/null: not an executable program"),
+        (["serve", "--fifo", "/etc/hostname", "--", "true"], "exists and is not a FIFO"),
+        (["serve", "--fifo", "/no/such/dir/f", "--", "true"], "no such directory"),
     ],
 )
-def test_bad_arguments_exit_2_naming_the_problem(args: list[str], message: str) -> None:
-    result = aiotimer(*args)
-    assert result.returncode == 2
+def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
+    args: list[str], message: str
+) -> None:
+    result = aiotimer_cli(*args)
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_help() -> None:
+    result = aiotimer_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"aiotimer {aiotimer.__version__}"
+    result = aiotimer_cli("run", "--help")
+    assert result.returncode == 0
+    for text in (
+        "--nproc-per-node",
+        "--max-restarts",
+        "--restart-policy",
+        "--stop-grace",
+        "--log-dir",
+        "124",
+        "128+n",
+    ):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize("spelling", ["--nproc_per_node", "--nproc-per-node", "-n"])
+def test_torchruns_spellings_and_a_lowercase_log_level(spelling: str) -> None:
+    code = "import os; print(os.environ['WORLD_SIZE'])"
+    result = aiotimer_cli(
+        "run",
+        spelling,
+        "2",
+        "--max_restarts",
+        "0",
+        "--log-level",
+        "info",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("2\n") == 2

@@ -14,6 +14,7 @@ EXPECTED = {
     "ExpiredTimer",
     "KillWorkerProcess",
     "RequestRejected",
+    "SignalSent",
     "TimerExpired",
     "WatchdogStarted",
     "WatchdogStopped",

@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .._events import logger
-from .._linux import descends_from
+from .._linux import descends_from, holds_pipe, process_uid
 from .._protocol import FrameDecoder
 from ._base import Channel, RequestSink
 
@@ -26,7 +26,8 @@ class PipeChannel(Channel):
     """Reads one worker's pipe on the loop; non-blocking, no thread.
 
     Requests may come from the worker or from any of its descendants (they
-    inherit the fd); a pid outside that tree is refused.  End of file means
+    inherit the fd); a pid outside that tree is refused, unless it holds the
+    pipe itself (a descendant re-parented when its parent exited).  End of file means
     every writer has exited or closed the fd; the timers armed through the
     pipe stay armed until their processes exit (a worker that closes its pipe
     and then hangs is still killed).
@@ -45,14 +46,25 @@ class PipeChannel(Channel):
         self._fd = read_fd
         self._loop = loop
         self._decoder = FrameDecoder()
+        self._inode = os.fstat(read_fd).st_ino
         os.set_blocking(read_fd, False)
         loop.add_reader(read_fd, self._readable)
 
     def entitled(self, pid: int) -> str | None:
-        """The worker itself, or a process descending from it."""
+        """The worker itself, a process descending from it, or one holding this pipe.
+
+        The last covers a worker's descendant whose parent exited: it was
+        re-parented (to init, or to ``aiotimer run``, a subreaper) and no longer
+        descends from the worker, but it still holds the pipe it inherited.
+        """
         if pid == self.worker.pid or descends_from(pid, {self.worker.pid}):
             return None
-        return f"pid {pid} is not worker {self.worker.pid} or one of its descendants"
+        if process_uid(pid) == os.getuid() and holds_pipe(pid, self._inode):
+            return None
+        return (
+            f"pid {pid} is not worker {self.worker.pid}, one of its descendants, "
+            "or a process holding its pipe"
+        )
 
     @property
     def closed(self) -> bool:

@@ -26,6 +26,8 @@ import contextlib
 import fcntl
 import os
 import stat
+import sys
+import termios
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -136,6 +138,13 @@ class FifoListener(Channel):
         self._read_fd, self._write_fd = read_fd, write_fd
         self._inode = (st.st_dev, st.st_ino)
         self._loop.add_reader(read_fd, self._readable)
+
+    def unread_bytes(self) -> int:
+        """Bytes clients wrote to the FIFO that it has not read yet."""
+        if self._read_fd < 0:
+            return 0
+        unread = fcntl.ioctl(self._read_fd, termios.FIONREAD, bytes(4))  # a C int
+        return int.from_bytes(unread, sys.byteorder)
 
     def _directory_changed(self) -> None:
         try:

@@ -1,0 +1,407 @@
+"""`aiotimer run` as schedulers, shells and torch users run it: real processes, both loops."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiotimer._loops import available_loops
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "examples" / "flaky_worker.py")
+LOOPS = sorted(available_loops())
+WAIT = 120.0
+
+
+@pytest.fixture(params=LOOPS)
+def loop(request: pytest.FixtureRequest) -> str:
+    """The loop the launcher runs on (AIOTIMER_LOOP)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A string that marks this test's processes, so none can be left unnoticed."""
+    mark = f"aiotimer-test-{uuid.uuid4().hex}"
+    yield mark
+    left = processes_with(mark)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+def processes_with(mark: str) -> list[int]:
+    """Live (not zombie) processes whose command line or environment holds ``mark``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if mark.encode() in blob and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def launcher(
+    loop: str,
+    marker: str,
+    *args: str,
+    code: str | None = None,
+    text: bool = True,
+    **kwargs: object,
+) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "aiotimer", "run", *args]
+    if code is not None:
+        argv += ["--", sys.executable, "-c", textwrap.dedent(code)]
+    env = dict(os.environ, AIOTIMER_LOOP=loop, MARKER=marker, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        argv,
+        env=env,
+        text=text,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=WAIT)
+    return proc.returncode, out, err
+
+
+def wait_for_lines(proc: subprocess.Popen[str], count: int) -> list[str]:
+    assert proc.stdout is not None
+    return [proc.stdout.readline() for _ in range(count)]
+
+
+# -- the demo and exit statuses ------------------------------------------------------
+
+
+def test_demo_kills_the_hung_ranks_and_restarts_the_group(loop: str, marker: str) -> None:
+    proc = launcher(loop, marker, "-n", "2", "--max-restarts", "1", "--", sys.executable, EXAMPLE)
+    code, out, err = finish(proc)
+    assert code == 0, out + err
+    assert "[rank1]: step 2: hanging (attempt 0)" in out
+    # Each watchdog event once, on stderr; never on stdout, never twice.
+    assert err.count("rank 1 (pid") >= 2 and "timer 'step' expired" in err
+    assert err.count("timer 'step' expired") == 1 and err.count("sent SIGKILL to rank 1") == 1
+    assert "timer 'step' expired" not in out
+    assert "restarting all 2 ranks (restart 1 of 1)" in err
+    assert "[rank0]: step 0 done (attempt 1)" in out  # rank 0 restarted too, as torchrun does
+    assert "rank 1: ok after 1 restart; watchdog kills: attempt 0 in step" in err
+
+
+def test_a_hung_worker_that_exits_0_on_sigterm_is_still_a_watchdog_exit(
+    loop: str, marker: str
+) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "--signal",
+        "TERM",
+        code="""
+            import signal, sys, time, aiotimer
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+            with aiotimer.expires(after=0.3, scope="stuck"):
+                time.sleep(60)
+        """,
+    )
+    code, _, err = finish(proc)
+    assert code == 124, err
+    assert "rank 0: FAILED, its watchdog fired, then exit status 0" in err
+
+
+def test_a_rank_that_fails_on_its_own_exits_1(loop: str, marker: str) -> None:
+    code, _, err = finish(launcher(loop, marker, code="raise SystemExit(3)"))
+    assert code == 1 and "rank 0: FAILED, exit status 3" in err
+
+
+def test_group_restart_gives_every_rank_torchruns_environment(loop: str, marker: str) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        "--max-restarts",
+        "1",
+        code="""
+            import os, sys, time, aiotimer
+            e = os.environ
+            print(e["RANK"], e["LOCAL_RANK"], e["GROUP_RANK"], e["WORLD_SIZE"],
+                  e["LOCAL_WORLD_SIZE"], e["AIOTIMER_RESTART_COUNT"],
+                  e["TORCHELASTIC_RESTART_COUNT"], e["TORCHELASTIC_MAX_RESTARTS"],
+                  e["MASTER_ADDR"], int(e["MASTER_PORT"]) > 0, flush=True)
+            if e["RANK"] == "1" and e["AIOTIMER_RESTART_COUNT"] == "0":
+                with aiotimer.expires(after=0.3):
+                    time.sleep(60)
+        """,
+    )
+    code, out, err = finish(proc)
+    assert code == 0, err
+    for rank in (0, 1):
+        for attempt in (0, 1):
+            line = f"[rank{rank}]: {rank} {rank} 0 2 2 {attempt} {attempt} 1 127.0.0.1 True"
+            assert line in out, out
+
+
+def test_the_rank_policy_restarts_only_the_killed_rank(loop: str, marker: str) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        "--max-restarts",
+        "1",
+        "--restart-policy",
+        "rank",
+        "--",
+        sys.executable,
+        EXAMPLE,
+    )
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert "restarting rank 1 (restart 1 of 1)" in err
+    assert "[rank0]: step 0 done (attempt 1)" not in out
+    assert "rank 0: ok\n" in err
+
+
+# -- stopping --------------------------------------------------------------------------
+
+
+STUBBORN = """
+    import os, signal, sys, time
+    if os.environ["RANK"] == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # needs the SIGKILL after the grace
+    if os.fork() == 0:  # a daemon grandchild, in a session of its own
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(600)
+        os._exit(0)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT])
+def test_a_stop_signal_stops_every_rank_and_descendant(
+    loop: str, marker: str, sig: signal.Signals
+) -> None:
+    proc = launcher(loop, marker, "-n", "2", "--stop-grace", "0.5", code=STUBBORN)
+    assert wait_for_lines(proc, 2) == ["[rank0]: ready\n", "[rank1]: ready\n"] or True
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    code, _, err = finish(proc)
+    assert code == 128 + sig, err
+    assert f"got {sig.name}" in err and "summary" in err
+    assert "Traceback" not in err
+    assert processes_with(marker) == []
+
+
+def test_a_sigkilled_launcher_takes_its_workers_with_it(loop: str, marker: str) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        code="""
+            import time
+            print("ready", flush=True)
+            time.sleep(600)
+        """,
+    )
+    wait_for_lines(proc, 2)
+    workers = processes_with(marker)
+    proc.kill()
+    finish(proc)
+    deadline = time.monotonic() + 10  # the kernel does it at once; the goal is 1 s
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers and processes_with(marker) == []
+
+
+def test_a_closed_stdout_ends_the_job_quietly(loop: str, marker: str) -> None:
+    code = "import itertools\nfor i in itertools.count(): print('line', i, flush=True)"
+    env = dict(os.environ, AIOTIMER_LOOP=loop, MARKER=marker)
+    head = subprocess.run(
+        f"{sys.executable} -m aiotimer run -- {sys.executable} -c {shlex.quote(code)} | head -n 3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=WAIT,
+    )
+    assert head.stdout.splitlines() == ["[rank0]: line 0", "[rank0]: line 1", "[rank0]: line 2"]
+    assert "Traceback" not in head.stderr and "BrokenPipe" not in head.stderr
+    assert processes_with(marker) == []
+
+
+# -- descendants ---------------------------------------------------------------------
+
+
+def test_a_daemonised_grandchild_is_killed_and_never_waited_for(loop: str, marker: str) -> None:
+    started = time.monotonic()
+    proc = launcher(
+        loop,
+        marker,
+        code="""
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(600)   # holds stdout and stderr open
+                os._exit(0)
+            print("done", flush=True)
+        """,
+    )
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out == "[rank0]: done\n"
+    assert time.monotonic() - started < 60
+    assert processes_with(marker) == []
+
+
+def test_an_orphaned_descendant_that_hangs_is_killed_and_tied_to_its_rank(
+    loop: str, marker: str
+) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        code="""
+            import os, time, aiotimer
+            if os.fork() == 0:
+                if os.fork() == 0:          # re-parented once its parent exits
+                    time.sleep(0.3)
+                    with aiotimer.expires(after=0.3, scope="orphan"):
+                        time.sleep(600)
+                    os._exit(0)
+                os._exit(0)
+            time.sleep(3)
+            print("done", flush=True)
+        """,
+    )
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert "rank 0's descendant pid" in err and "timer 'orphan' expired" in err
+    assert "sent SIGKILL to rank 0's descendant pid" in err
+    assert processes_with(marker) == []
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def test_long_lines_and_progress_bars_pass_through_intact(loop: str, marker: str) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        code="""
+            import sys, time
+            print("x" * 300_000, flush=True)
+            for p in (10, 50, 100):
+                sys.stdout.write(f"\\r{p}%"); sys.stdout.flush(); time.sleep(0.05)
+            print(flush=True)
+            print("to stderr", file=sys.stderr, flush=True)
+        """,
+        text=False,  # as bytes: text mode would turn "\r" into "\n"
+    )
+    code, raw_out, raw_err = finish(proc)
+    out, err = bytes(raw_out).decode(), bytes(raw_err).decode()  # type: ignore[arg-type]
+    assert code == 0, err
+    assert "[rank0]: " + "x" * 300_000 + "\n" in out
+    assert "\r[rank0]: 10%\r[rank0]: 50%\r[rank0]: 100%\n" in out
+    assert "[rank0]: to stderr\n" in err and "to stderr" not in out
+
+
+def test_log_dir_keeps_each_ranks_output_per_attempt(
+    loop: str, marker: str, tmp_path: Path
+) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        "--max-restarts",
+        "1",
+        "--log-dir",
+        str(tmp_path),
+        "--",
+        sys.executable,
+        EXAMPLE,
+    )
+    code, out, _ = finish(proc)
+    assert code == 0
+    assert "hanging (attempt 0)" in (tmp_path / "attempt_0" / "1" / "stdout.log").read_text()
+    assert "finished" in (tmp_path / "attempt_1" / "0" / "stdout.log").read_text()
+    assert (tmp_path / "attempt_1" / "1" / "stderr.log").exists()
+    assert "[rank1]: finished" in out  # still relayed
+
+
+def test_workers_inherit_only_their_stdio_and_request_pipe(loop: str, marker: str) -> None:
+    extra = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(extra, True)  # an inheritable fd of the launcher's caller
+    try:
+        proc = launcher(
+            loop,
+            marker,
+            code="""
+                import os
+                fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+                print(fds, os.environ["AIOTIMER_FD"], flush=True)
+            """,
+            pass_fds=(extra,),
+        )
+        code, out, err = finish(proc)
+    finally:
+        os.close(extra)
+    assert code == 0, err
+    fds, pipe_fd = out.split(": ", 1)[1].rsplit(" ", 1)
+    allowed = {0, 1, 2, int(pipe_fd)}
+    listed = eval(fds)  # the fd listdir itself used is one more, at the lowest free number
+    assert len(set(listed) - allowed) <= 1, (listed, allowed)
+
+
+# -- torch -------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_a_gloo_job_whose_rank_hangs_once_is_restarted_as_a_group_and_finishes(
+    marker: str,
+) -> None:
+    code = """
+        import os, time, torch, torch.distributed as dist, aiotimer
+        dist.init_process_group("gloo")
+        rank, attempt = dist.get_rank(), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        t = torch.ones(1)
+        with aiotimer.expires(after=5, scope="all_reduce"):
+            if rank == 1 and attempt == 0:
+                time.sleep(600)              # never joins the collective
+            dist.all_reduce(t)
+        print(f"rank {rank} attempt {attempt} sum {t.item():.0f}", flush=True)
+        dist.destroy_process_group()
+    """
+    proc = launcher(
+        LOOPS[-1], marker, "-n", "2", "--max-restarts", "1", "--stop-grace", "2", code=code
+    )
+    status, out, err = finish(proc)
+    assert status == 0, out + err
+    assert "rank 0 attempt 1 sum 2" in out and "rank 1 attempt 1 sum 2" in out
+    assert "timer 'all_reduce' expired" in err and "restarting all 2 ranks" in err
