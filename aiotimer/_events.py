@@ -9,7 +9,7 @@ At the edge, ``log_event(name, info)`` hooks get torch's event names
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -243,6 +243,15 @@ class Counters:
         self.lag_count += 1
         self.lag_sum += lag
         self.lag_max = max(self.lag_max, lag)
+
+    def record_lags(self, now: float, deadlines: Sequence[float]) -> None:
+        """Count timers expired at ``deadlines`` (earliest first), handled at ``now``."""
+        if not deadlines:
+            return
+        self.expiries += len(deadlines)
+        self.lag_count += len(deadlines)
+        self.lag_sum += len(deadlines) * now - sum(deadlines)
+        self.lag_max = max(self.lag_max, now - deadlines[0])
 
     def record_decision(self, lag: float) -> None:
         """Record how late the first signal for an expiry went out."""

@@ -84,6 +84,11 @@ class Expiry:
             )
         return self._expired
 
+    def scopes(self, limit: int | None = None) -> list[str]:
+        """The expired scopes, earliest first (the first ``limit`` of them)."""
+        timers = self._timers if limit is None else self._timers[:limit]
+        return [t.scope for t in timers]
+
     @property
     def pid(self) -> int:
         """The process whose timers expired."""

@@ -13,6 +13,7 @@ retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import operator
 import signal as _signal
 from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any
@@ -37,12 +38,13 @@ __all__ = ["CHUNK", "FollowUps", "Killer", "backoff"]
 #: Timers popped between two rounds of signals in a burst.
 CHUNK = 64
 #: Most heap entries a warm-up pass looks at.
-WARM_UP_LIMIT = 4096
+WARM_UP_LIMIT = 256
 #: "timer expired" events per process and burst (the rest are counted, and logged in sum).
 EVENTS_PER_PROCESS = 100
 _SCOPES_LOGGED = 5
 
 _CHILD_SIGNALS = frozenset({_signal.SIGCHLD})
+_DEADLINE = operator.itemgetter(0)
 
 # One reaper call made in a burst: reaper, expiry, process, what it returned, what it raised.
 _Call = tuple[Reaper, Expiry, WatchedProcess, object, Exception | None]
@@ -296,6 +298,11 @@ class Killer:
                     else:
                         victims.append((expiry, process))
                 self._reap(victims, calls)
+                for expiry, process in victims:
+                    if expiry.signals_sent:
+                        # Killed: its other due timers are taken in one go, not
+                        # popped one by one (a million of them took seconds).
+                        self._take_rest(groups[process.id], process.id, now)
             decided: list[tuple[Expiry, WatchedProcess]] = []
             for expiry, process in undecided:
                 requested = _requested_signal(groups[process.id])
@@ -313,6 +320,12 @@ class Killer:
         self._report(now, groups)
         for expiry, sig, at in kill_events:
             self._killed(expiry, sig, at)
+
+    def _take_rest(self, group: list[Timer], owner: int, now: float) -> None:
+        """Move ``owner``'s remaining due timers into ``group`` (kept earliest first)."""
+        rest = [t for t in self._heap.remove_owner(owner) if t[0] <= now]
+        rest.sort(key=_DEADLINE)
+        group.extend(rest)
 
     def _reap(self, victims: list[tuple[Expiry, WatchedProcess]], calls: list[_Call]) -> None:
         """Call the reaper of each victim not already being reaped; record what it returned."""
@@ -364,9 +377,7 @@ class Killer:
             pid = process.pid if process is not None else None
             worker = None if process is None else process.worker
             worker_pid = None if worker is None else worker.pid
-            counters.expiries += len(timers)
-            for timer in timers:
-                counters.record_lag(now - timer.deadline)
+            counters.record_lags(now, [t[0] for t in timers])
             scopes = ", ".join(repr(t.scope) for t in timers[:_SCOPES_LOGGED])
             more = len(timers) - _SCOPES_LOGGED
             logger.warning(
@@ -398,7 +409,7 @@ class Killer:
             self._heap.remove_owner(process.id)
         worker = process.worker
         if worker is not None and worker.pid == process.pid:
-            worker.expired_scopes.extend(t.scope for t in expiry.timers)
+            worker.expired_scopes.extend(expiry.scopes(EVENTS_PER_PROCESS))
         if error is not None:
             self._follow_ups.failed(reaper, expiry, 1, error)
             self._follow_ups.start(reaper, expiry, process, None, 2)
@@ -445,7 +456,7 @@ class Killer:
             extra=EVENT_LOGGED,
         )
         if self._events:
-            scopes = [t.scope for t in expiry.timers]
+            scopes = expiry.scopes(EVENTS_PER_PROCESS)
             self._events.emit(
                 KillWorkerProcess(expiry.pid, sig, scopes, latency, expiry.worker_pid)
             )

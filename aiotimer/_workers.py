@@ -116,6 +116,7 @@ class Worker:
         self.reaper = reaper
         self.process_group = process_group
         #: scopes of this worker's expired timers, in the order they expired
+        #: (at most the first 100 of each expiry)
         self.expired_scopes: list[str] = []
         #: whether the watchdog signalled this worker
         self.killed_by_watchdog = False

@@ -39,9 +39,9 @@ from ._base import Channel, Host, RequestSink
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
 
-# A read's worth of lines is decoded in one callback: about 300 torch requests,
-# well under a millisecond, so a flood cannot hold back a kill for longer.
-_READ_SIZE = 32 * 1024
+# A read's worth of lines is decoded in one callback: about 70 torch requests,
+# a fraction of a millisecond, so a flood cannot hold back a kill for longer.
+_READ_SIZE = 8 * 1024
 
 
 def check_fifo_path(path: str | os.PathLike[str], name: str = "file_path") -> bool:
