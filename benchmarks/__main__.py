@@ -572,7 +572,7 @@ def bench_hardening(
                 "loop",
                 "first signal ms late",
                 "last signal ms late",
-                "loop blocked ms",
+                "loop free again ms",
                 "missed",
             ],
             table,
