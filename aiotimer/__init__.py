@@ -25,6 +25,7 @@ from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._events import Event as Event
 from ._events import EventBus as EventBus
+from ._events import IncidentRecorded as IncidentRecorded
 from ._events import KillWorkerProcess as KillWorkerProcess
 from ._events import LogEvent as LogEvent
 from ._events import RequestRejected as RequestRejected
@@ -43,6 +44,8 @@ from ._expiry import Expiry as Expiry
 from ._expiry import Reaper as Reaper
 from ._heap import DeadlineHeap as DeadlineHeap
 from ._heap import Timer as Timer
+from ._incidents import Incident as Incident
+from ._incidents import IncidentReaper as IncidentReaper
 from ._reapers import SignalReaper as SignalReaper
 from ._server import TimerServer as TimerServer
 from ._workers import Worker as Worker
@@ -68,9 +71,12 @@ __all__ = [
     "Expiry",
     "Reaper",
     "SignalReaper",
+    "Incident",
+    "IncidentReaper",
     # events and statistics
     "Event",
     "EventBus",
+    "IncidentRecorded",
     "KillWorkerProcess",
     "LogEvent",
     "RequestRejected",

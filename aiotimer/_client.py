@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from ._exceptions import ClientNotConfiguredError, ServerUnavailableError
 from ._protocol import (
+    ENV_DUMP_DIR,
     ENV_DUMP_SIGNAL,
     ENV_FD,
+    dump_file_name,
     encode_acquire_after,
     encode_hello,
     encode_release,
@@ -68,11 +70,18 @@ class PipeClient(TimerClient):
     a worker and from its forked children never interleave.  When the server
     has gone, writes fail and raise ``ServerUnavailableError`` (a
     ``BrokenPipeError``).  With ``dump_signal``, the client registers
-    ``faulthandler`` to print every thread's stack on that signal and tells the
-    server, which may send it before a kill.
+    ``faulthandler`` to write every thread's stack on that signal (into a file
+    of ``dump_dir`` named for its pid, or else to stderr) and tells the server,
+    which may send it before a kill.  A forked child registers its own file.
     """
 
-    def __init__(self, fd: int, *, dump_signal: int | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        dump_signal: int | None = None,
+        dump_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         try:
             mode = os.fstat(fd).st_mode
         except OSError as exc:
@@ -81,9 +90,9 @@ class PipeClient(TimerClient):
             raise ServerUnavailableError(f"timer pipe fd {fd} is not a pipe")
         self._fd = fd
         self._dump_signal = dump_signal or 0
+        self._dump_dir = dump_dir
+        self._dump_file: Any = None
         self._greeted_pid = 0
-        if self._dump_signal:
-            faulthandler.register(self._dump_signal, all_threads=True, chain=False)
         _pipe_clients.add(self)
 
     def __repr__(self) -> str:
@@ -107,11 +116,31 @@ class PipeClient(TimerClient):
                 f"{ENV_FD}={raw!r} / {ENV_DUMP_SIGNAL}={env.get(ENV_DUMP_SIGNAL)!r} "
                 "must be integers"
             ) from None
-        return cls(fd, dump_signal=dump or None)
+        return cls(fd, dump_signal=dump or None, dump_dir=env.get(ENV_DUMP_DIR) or None)
+
+    def _register_dump(self) -> None:
+        """Have ``faulthandler`` write this process's stacks on the dump signal."""
+        if not self._dump_signal:
+            return
+        if self._dump_dir is None:
+            faulthandler.register(self._dump_signal, all_threads=True, chain=False)
+            return
+        try:
+            # Kept open: faulthandler writes to the fd from a signal handler.
+            self._dump_file = open(  # noqa: SIM115
+                os.path.join(self._dump_dir, dump_file_name(_pid)), "w"
+            )
+        except OSError:
+            faulthandler.register(self._dump_signal, all_threads=True, chain=False)
+            return
+        faulthandler.register(
+            self._dump_signal, file=self._dump_file, all_threads=True, chain=False
+        )
 
     def _send(self, frame: bytes) -> None:
-        if self._greeted_pid != _pid:
+        if self._greeted_pid != _pid:  # a new process (this one, or a forked child)
             self._greeted_pid = _pid
+            self._register_dump()
             self._write(encode_hello(_pid, self._dump_signal))
         self._write(frame)
 

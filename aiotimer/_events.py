@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
+    "INCIDENT_RECORDED",
     "KILL_WORKER_PROCESS",
     "REQUEST_REJECTED",
     "SIGNAL_SENT",
@@ -25,6 +26,7 @@ __all__ = [
     "Counters",
     "Event",
     "EventBus",
+    "IncidentRecorded",
     "KillWorkerProcess",
     "LogEvent",
     "RequestRejected",
@@ -53,6 +55,7 @@ KILL_WORKER_PROCESS = "kill worker process"
 WORKER_EXITED = "worker exited"
 REQUEST_REJECTED = "request rejected"
 SIGNAL_SENT = "signal sent"
+INCIDENT_RECORDED = "incident recorded"
 
 #: ``log_event(name, info)``: called on the loop for every event; must not block.
 LogEvent = Callable[[str, Mapping[str, object]], None]
@@ -143,6 +146,17 @@ class WorkerExited(Event):
     returncode: int | None
     timers_cleared: int
     worker: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class IncidentRecorded(Event):
+    """An expiry's incident (stacks, actions) was recorded; ``path`` is its JSON file, if any."""
+
+    name: ClassVar[str] = INCIDENT_RECORDED
+    pid: int
+    path: str | None
+    summary: str
+    worker_pid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class Expiry:
         "_process",
         "_timers",
         "requested_signal",
+        "signal_times",
         "signals_sent",
     )
 
@@ -69,6 +70,8 @@ class Expiry:
         self._clock = clock
         #: every signal sent to the process through this expiry, in order
         self.signals_sent: list[int] = []
+        #: when each of them was sent (the server clock's time)
+        self.signal_times: list[float] = []
 
     def __repr__(self) -> str:
         scopes = ", ".join(t.scope for t in self.timers)
@@ -88,6 +91,11 @@ class Expiry:
         """The expired scopes, earliest first (the first ``limit`` of them)."""
         timers = self._timers if limit is None else self._timers[:limit]
         return [t.scope for t in timers]
+
+    @property
+    def clock(self) -> Clock:
+        """The server's clock (deadlines are on it)."""
+        return self._clock
 
     @property
     def pid(self) -> int:
@@ -127,6 +135,7 @@ class Expiry:
         except ProcessGone:
             return False
         self.signals_sent.append(sig)
+        self.signal_times.append(self._clock.now())
         self._on_signal(self, sig)
         return True
 

@@ -42,6 +42,7 @@ from typing import NamedTuple
 from ._exceptions import ProtocolError
 
 __all__ = [
+    "ENV_DUMP_DIR",
     "ENV_DUMP_SIGNAL",
     "ENV_FD",
     "FRAME_MAX",
@@ -55,6 +56,7 @@ __all__ = [
     "Request",
     "decode_json_line",
     "decode_json_lines",
+    "dump_file_name",
     "encode_acquire",
     "encode_acquire_after",
     "encode_frame",
@@ -68,6 +70,14 @@ __all__ = [
 ENV_FD = "AIOTIMER_FD"
 #: Environment variable naming the signal a spawned worker should dump stacks on.
 ENV_DUMP_SIGNAL = "AIOTIMER_DUMP_SIGNAL"
+#: Environment variable naming the directory a spawned worker writes its stack dumps into.
+ENV_DUMP_DIR = "AIOTIMER_DUMP_DIR"
+
+
+def dump_file_name(pid: int) -> str:
+    """The file (in ``AIOTIMER_DUMP_DIR``) that process ``pid`` writes its stack dump to."""
+    return f"stacks-{pid}.txt"
+
 
 # 0xA8: the second frame format (the first, 0xA7, had no checksum).
 MAGIC = 0xA8

@@ -22,6 +22,7 @@ from ._dispatch import Caps, Dispatcher
 from ._events import (
     Counters,
     EventBus,
+    IncidentRecorded,
     LogEvent,
     Statistics,
     WatchdogStarted,
@@ -30,8 +31,9 @@ from ._events import (
 )
 from ._expiry import Reaper
 from ._heap import DeadlineHeap
+from ._incidents import DEFAULT_DUMP_TIMEOUT, Incident, IncidentReaper
 from ._killer import Killer
-from ._linux import ProcessGone
+from ._linux import ProcessGone, descendants, live_processes
 from ._processes import ProcessRegistry, WatchedProcess
 from ._reapers import SignalReaper
 from ._scheduler import Scheduler
@@ -69,6 +71,10 @@ class TimerServer:
     longer than ``reap_timeout`` seconds is cancelled and its process killed
     with SIGKILL.
 
+    ``incident_dir``: on every expiry, first capture the hung process's stacks
+    (and its job's) into an incident there, then reap; the kill goes out at
+    most ``dump_timeout`` seconds after the deadline (see ``IncidentReaper``).
+
     Caps, so that no client can exhaust the server: ``max_timers_per_process``
     live timers and ``max_scope_chars_per_process`` characters of their scopes
     per process, ``max_processes_per_channel`` processes admitted per channel
@@ -87,6 +93,8 @@ class TimerServer:
         max_timers_per_process: int | None = 10_000,
         max_scope_chars_per_process: int | None = 1 << 20,
         max_processes_per_channel: int | None = 1024,
+        incident_dir: str | os.PathLike[str] | None = None,
+        dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
     ) -> None:
         if reaper is not None and not callable(reaper):
             raise TypeError(f"`reaper` must be callable, got {reaper!r}")
@@ -104,10 +112,16 @@ class TimerServer:
         )
         timeout = check_seconds("reap_timeout", reap_timeout)
         reaper = SignalReaper() if reaper is None else reaper
+        if incident_dir is not None and not isinstance(reaper, IncidentReaper):
+            reaper = IncidentReaper(incident_dir, kill=reaper, dump_timeout=dump_timeout)
+        self._incidents = reaper if isinstance(reaper, IncidentReaper) else None
+        if self._incidents is not None:
+            self._incidents.attach(related=self._related_pids, on_incident=self._incident)
         self._clock: Clock = SystemClock() if clock is None else clock
         if dump_signal is None:
             wanted = getattr(reaper, "dump_signal", None)
-            dump_signal = wanted if getattr(reaper, "dump_stacks", False) else None
+            asks = self._incidents is not None or getattr(reaper, "dump_stacks", False)
+            dump_signal = wanted if asks else None
         self.dump_signal = None if dump_signal is None else check_signal("dump_signal", dump_signal)
 
         self._counters = counters = Counters()
@@ -185,6 +199,8 @@ class TimerServer:
         self._closed = asyncio.Event()
         self._registry.bind(loop)
         self._killer.bind(loop)
+        if self._incidents is not None:
+            self._incidents.open()
         self._state = _State.RUNNING
         self._dispatcher.open = True
         self._scheduler.start()
@@ -214,6 +230,8 @@ class TimerServer:
         self._channels.clear()
         await self._workers.kill_all()
         self._registry.close()
+        if self._incidents is not None:
+            self._incidents.close()
         self._state = _State.CLOSED
         assert self._closed is not None
         self._closed.set()
@@ -279,8 +297,15 @@ class TimerServer:
         if reaper is not None and not callable(reaper):
             raise TypeError(f"`reaper` must be callable, got {reaper!r}")
         dump = None if self.dump_signal is None else int(self.dump_signal)
+        dump_dir = self._incidents.dump_dir if self._incidents is not None else None
         process, read_fd = await start_worker_process(
-            program, args, env=env, dump_signal=dump, process_group=process_group, **kwargs
+            program,
+            args,
+            env=env,
+            dump_signal=dump,
+            dump_dir=dump_dir,
+            process_group=process_group,
+            **kwargs,
         )
         worker = Worker(process, reaper=reaper, process_group=process_group)
         self._workers.add(worker)
@@ -295,6 +320,18 @@ class TimerServer:
             self._registry.attach(watched, channel.id)
         logger.info("spawned worker %d: %s", process.pid, program)
         return worker
+
+    def _related_pids(self) -> list[int]:
+        """The processes of the job: every one watched, and the spawned workers' descendants."""
+        pids = set(self._registry.by_pid)
+        workers = {worker.pid for worker in self._workers.snapshot()}
+        return sorted(pids | workers | descendants(workers, live_processes()))
+
+    def _incident(self, incident: Incident) -> None:
+        path = None if incident.path is None else str(incident.path)
+        self.events.emit(
+            IncidentRecorded(incident.pid, path, incident.summary(), incident.worker_pid)
+        )
 
     def _forget_channel(self, channel: Channel) -> None:
         self._channels.pop(channel.id, None)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from ._events import EventBus, WorkerExited, logger
 from ._linux import ProcessGone, die_with_parent
-from ._protocol import ENV_DUMP_SIGNAL, ENV_FD
+from ._protocol import ENV_DUMP_DIR, ENV_DUMP_SIGNAL, ENV_FD
 
 __all__ = ["Worker", "WorkerSet", "start_worker_process"]
 
@@ -50,6 +50,7 @@ async def start_worker_process(
     env: Mapping[str, str] | None,
     dump_signal: int | None,
     process_group: bool,
+    dump_dir: os.PathLike[str] | str | None = None,
     **kwargs: Any,
 ) -> tuple[asyncio.subprocess.Process, int]:
     """Start a worker with a request pipe; return it and the pipe's read end.
@@ -64,6 +65,10 @@ async def start_worker_process(
         child_env[ENV_DUMP_SIGNAL] = str(dump_signal)
     else:
         child_env.pop(ENV_DUMP_SIGNAL, None)
+    if dump_dir is not None:
+        child_env[ENV_DUMP_DIR] = os.fspath(dump_dir)
+    else:
+        child_env.pop(ENV_DUMP_DIR, None)
     pass_fds = (*kwargs.pop("pass_fds", ()), write_fd)
     if process_group:
         kwargs["start_new_session"] = True

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
+from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
 from ._loops import loop_factory, pidfd_child_watcher
 from ._reapers import SignalReaper
 from ._validate import check_seconds, check_signal
@@ -108,7 +109,27 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         help="seconds between --signal and SIGKILL (default 5)",
     )
     parser.add_argument(
-        "--dump-stacks", action="store_true", help="print the hung worker's Python stacks first"
+        "--incident-dir",
+        default="aiotimer-incidents",
+        help="where each expiry's incident (stacks, actions) is written as JSON and text "
+        "(default ./aiotimer-incidents)",
+    )
+    parser.add_argument(
+        "--dump-timeout",
+        type=_seconds("--dump-timeout"),
+        default=DEFAULT_DUMP_TIMEOUT,
+        help="seconds after a deadline by which the kill goes out, stacks captured or not "
+        "(default 1; 0: no stack capture)",
+    )
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="record incidents and report expiries, but send no signal (to roll out deadlines)",
+    )
+    parser.add_argument(
+        "--dump-stacks",
+        action="store_true",
+        help="(deprecated: every expiry's stacks are captured into its incident)",
     )
     parser.add_argument(
         "--log-level",
@@ -132,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run N watched copies of a command",
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
-        "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--dump-stacks] "
-        "[--log-level LEVEL] -- CMD [ARGS...]",
+        "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--incident-dir DIR] "
+        "[--dump-timeout S] [--observe] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
         "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
         "aiotimer.expires()/timer() block overruns, and restart the group.",
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
         usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
-        "[--log-level LEVEL] -- CMD [ARGS...]",
+        "[--incident-dir DIR] [--dump-timeout S] [--observe] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
         "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
         "Exits with CMD's status.",
@@ -256,7 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.subcommands[args.command]
     if not cmd:
         sub.error("a command to run is required after --")
-    reaper = SignalReaper(args.signal, grace=args.grace, dump_stacks=args.dump_stacks)
+    if args.dump_stacks:
+        print(
+            f"{sub.prog}: --dump-stacks is no longer needed: every expiry's stacks are captured "
+            f"into its incident in {args.incident_dir}/ (--dump-timeout 0 turns capture off)",
+            file=sys.stderr,
+        )
+    reaper = IncidentReaper(
+        args.incident_dir,
+        kill=SignalReaper(args.signal, grace=args.grace),
+        dump_timeout=args.dump_timeout,
+        observe=args.observe,
+    )
     try:
         if args.command == "serve":
             _configure_logging(args.log_level, events_printed=False)

@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ._events import Event, KillWorkerProcess, RequestRejected, SignalSent, TimerExpired
+from ._events import (
+    Event,
+    IncidentRecorded,
+    KillWorkerProcess,
+    RequestRejected,
+    SignalSent,
+    TimerExpired,
+)
 from ._expiry import Reaper
 from ._linux import become_subreaper, descendants, environ_of, live_processes
 from ._server import TimerServer
@@ -115,12 +122,16 @@ class RankResult:
     watchdog_kills: list[str] = field(default_factory=list)
     #: whether the rank's last attempt ended with a watchdog expiry
     expired: bool = False
+    #: expiries recorded in observe mode (nothing was signalled)
+    observed: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the summary."""
         restarts = self.attempts - 1
         tail = f" after {restarts} restart{'s' if restarts != 1 else ''}" if restarts > 0 else ""
         kills = f"; watchdog kills: {'; '.join(self.watchdog_kills)}" if self.watchdog_kills else ""
+        if self.observed:
+            kills += f"; expiries observed: {'; '.join(self.observed)}"
         if self.returncode == 0 and not self.expired:
             return f"rank {self.rank}: ok{tail}{kills}"
         if self.returncode is None:
@@ -265,6 +276,7 @@ class Job:
         self.stop_grace = stop_grace
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._reaper = reaper
+        self._observe = bool(getattr(reaper, "observe", False))
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer, self._stdout_closed)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
@@ -325,6 +337,9 @@ class Job:
             )
         elif isinstance(event, RequestRejected):
             self.output.say(f"rejected a request on {event.channel}: {event.reason}")
+        elif isinstance(event, IncidentRecorded):
+            where = f"; incident: {Path(event.path).with_suffix('.txt')}" if event.path else ""
+            self.output.say(f"{event.summary}{where}")
 
     # -- ranks ---------------------------------------------------------------
 
@@ -402,6 +417,10 @@ class Job:
         result = rank.result
         result.returncode = rank.worker.returncode
         result.expired = bool(rank.expired_scopes) or rank.worker.killed_by_watchdog
+        if self._observe:  # expiries were recorded, not enforced: they fail nothing
+            result.observed += [f"attempt {attempt} in {s}" for s in rank.expired_scopes]
+            result.expired = False
+            rank.expired_scopes.clear()
         if result.expired:
             scopes = ", ".join(dict.fromkeys(rank.expired_scopes)) or "?"
             result.watchdog_kills.append(f"attempt {attempt} in {scopes}")

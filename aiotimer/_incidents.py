@@ -1,0 +1,446 @@
+"""Incidents: why a worker hung, captured before it is killed, written where a person finds it.
+
+On an expiry, ``IncidentReaper`` works in steps (the escalation tiers):
+
+1. capture the hung process's stacks (py-spy, or the client's faulthandler
+   dump), and, in parallel, the other processes of its job (the culprit is
+   often the rank that never joined the collective).  Bounded: the kill is
+   never later than ``deadline + dump_timeout``;
+2. if the process runs under torchrun (``TORCHELASTIC_ERROR_FILE`` in its
+   environment), write torch's error file, so torchrun's "Root Cause" names the
+   expired scope and the hung stack instead of "Signal 9 received";
+3. the kill itself (by default ``SignalReaper``: signal, grace, SIGKILL), or
+   nothing at all in observe mode;
+4. one JSON file per incident, never overwriting another, and a readable
+   ``.txt`` beside it, each step and its time in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import shutil
+import signal as _signal
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._clock import monotonic_to_wall
+from ._events import EVENT_LOGGED, logger
+from ._expiry import Expiry, Reaper
+from ._linux import environ_of
+from ._reapers import SignalReaper
+from ._stacks import Stacks, capture_stacks, dump_file
+from ._validate import check_seconds
+
+__all__ = ["DEFAULT_DUMP_TIMEOUT", "Incident", "IncidentReaper", "IncidentRecorder"]
+
+#: Seconds after a deadline by which the kill goes out, captured or not.
+DEFAULT_DUMP_TIMEOUT = 1.0
+# The other processes' captures may run this much longer than the hung one's:
+# they are not being killed, but the incident waits for them.
+_OTHERS_EXTRA = 2.0
+# At most this many other processes are captured.
+_OTHERS_MAX = 32
+_seq = itertools.count(1)
+
+
+def _iso(wall: float) -> str:
+    moment = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _signame(sig: int) -> str:
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+@dataclass
+class Incident:
+    """Everything known about one expiry: who hung, where, what was done about it."""
+
+    pid: int
+    scopes: list[str]
+    #: wall-clock seconds: when the expiry was handled, and the earliest expired deadline
+    time: float
+    deadline: float
+    #: how late the expiry was handled (seconds after the deadline)
+    lateness: float
+    host: str = field(default_factory=socket.gethostname)
+    rank: str | None = None
+    local_rank: str | None = None
+    command: list[str] = field(default_factory=list)
+    worker_pid: int | None = None
+    #: each step taken, in order: capture, error file, signals (with their times)
+    actions: list[dict[str, object]] = field(default_factory=list)
+    stacks: Stacks | None = None
+    others: list[dict[str, object]] = field(default_factory=list)
+    #: seconds from the deadline to the first signal (``None``: no signal, observe mode)
+    kill_lateness: float | None = None
+    torch_error_file: str | None = None
+    observe: bool = False
+    #: the JSON file it was written to, once it has been
+    path: Path | None = None
+
+    def summary(self) -> str:
+        """One line: who hung where."""
+        who = f"rank {self.rank} (pid {self.pid})" if self.rank is not None else f"pid {self.pid}"
+        scopes = ", ".join(repr(s) for s in self.scopes[:3]) + (
+            " ..." if len(self.scopes) > 3 else ""
+        )
+        top = self.stacks.top() if self.stacks is not None else None
+        where = f" in {top.function} ({top.file}:{top.line})" if top is not None else ""
+        return f"{who} hung in {scopes}{where}"
+
+    def to_dict(self) -> dict[str, object]:
+        """The incident as plain data (its JSON file)."""
+        return {
+            "time": _iso(self.time),
+            "unix_time": self.time,
+            "host": self.host,
+            "pid": self.pid,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "worker_pid": self.worker_pid,
+            "command": self.command,
+            "scopes": self.scopes,
+            "deadline": _iso(self.deadline),
+            "lateness": self.lateness,
+            "observe": self.observe,
+            "actions": self.actions,
+            "kill_lateness": self.kill_lateness,
+            "torch_error_file": self.torch_error_file,
+            "stacks": None if self.stacks is None else self.stacks.to_dict(),
+            "others": self.others,
+            "summary": self.summary(),
+        }
+
+    def text(self) -> str:
+        """The incident for a person to read."""
+        lines = [
+            f"aiotimer incident at {_iso(self.time)} on {self.host}",
+            f"  {self.summary()}",
+            f"  command: {' '.join(self.command) or '?'}",
+            f"  expired: {', '.join(repr(s) for s in self.scopes)} "
+            f"(deadline {_iso(self.deadline)}, handled {self.lateness * 1e3:.2f} ms after it)",
+            "  what was done:",
+        ]
+        for action in self.actions:
+            lines.append(f"    - {action.get('text', action)}")
+        if self.stacks is not None:
+            lines.append(f"stacks of pid {self.pid} ({self.stacks.method or 'none'}):")
+            lines.append(self.stacks.raw.rstrip() or f"  (none: {self.stacks.reason})")
+            if self.stacks.ok and self.stacks.reason:
+                lines.append(f"  (note: {self.stacks.reason})")
+        for other in self.others:
+            rank = f" (rank {other['rank']})" if other.get("rank") is not None else ""
+            stacks = other.get("stacks")
+            raw = stacks.get("raw") if isinstance(stacks, dict) else ""
+            reason = stacks.get("reason") if isinstance(stacks, dict) else ""
+            command = other.get("command")
+            shown = " ".join(command) if isinstance(command, list) else ""
+            lines.append(f"stacks of pid {other['pid']}{rank}: {shown}")
+            lines.append(str(raw).rstrip() if raw else f"  (none: {reason})")
+        return "\n".join(lines) + "\n"
+
+
+class IncidentRecorder:
+    """Writes incidents into ``directory``: ``incident-<time>-<pid>-<n>.json`` and ``.txt``.
+
+    A new incident never overwrites a file; an incident's own files are
+    replaced atomically when it is updated (the kill escalated).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def claim(self, incident: Incident) -> Path:
+        """Give ``incident`` a file of its own (created empty, never another's)."""
+        if incident.path is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.datetime.fromtimestamp(incident.time, tz=datetime.UTC)
+            base = f"incident-{stamp:%Y%m%dT%H%M%S}-pid{incident.pid}-{os.getpid()}-{next(_seq)}"
+            path = self.directory / f"{base}.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(fd)  # claimed: nothing else will write there
+            incident.path = path
+        return incident.path
+
+    def write(self, incident: Incident) -> Path:
+        """Write (or update) ``incident``'s files; return the JSON file's path."""
+        self.claim(incident)
+        assert incident.path is not None
+        self._replace(incident.path, json.dumps(incident.to_dict(), indent=1) + "\n")
+        self._replace(incident.path.with_suffix(".txt"), incident.text())
+        return incident.path
+
+    @staticmethod
+    def _replace(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def write_torch_error_file(path: str, incident: Incident) -> bool:
+    """Write torchrun's error file for ``incident`` at ``path``, unless a file is there already.
+
+    torchrun shows the error file of the first failed rank as the "Root Cause"
+    of its ``ChildFailedError``.  A file the worker wrote itself is never replaced.
+    """
+    stacks = incident.stacks
+    summary = f"aiotimer: watchdog timeout: {incident.summary()}"
+    details = [
+        summary,
+        f"timer {', '.join(repr(s) for s in incident.scopes)} expired "
+        f"{incident.lateness * 1e3:.2f} ms ago (deadline {_iso(incident.deadline)})",
+    ]
+    if incident.path is not None:
+        details.append(f"incident: {incident.path.with_suffix('.txt')}")
+    if stacks is not None:
+        details.append(stacks.raw.rstrip() if stacks.ok else f"(no stacks: {stacks.reason})")
+    data = {
+        "message": {
+            "message": f"TimeoutError: {summary}",
+            "extraInfo": {"py_callstack": "\n".join(details), "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        logger.warning("cannot write torchrun's error file %s: %s", path, exc)
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return True
+
+
+class IncidentReaper:
+    """A reaper that first finds out why a process hung, then kills it (or only observes).
+
+    ``kill``: what to do once the stacks are in (default ``SignalReaper()``:
+    SIGKILL; ``SignalReaper("TERM", grace=5)`` for TERM, grace, KILL).
+    ``dump_timeout``: the kill goes out at most this many seconds after the
+    deadline, whatever the capture found (0: no capture).  ``directory``: where
+    incidents are written (``None``: not written).  ``observe``: record and
+    report, send no signal.  ``related()``: the pids of the hung process's job,
+    captured too.  ``dump_dir``: where aiotimer clients write faulthandler
+    dumps (``AIOTIMER_DUMP_DIR``).  ``on_incident(incident)`` is called once an
+    incident is written.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        kill: Reaper | None = None,
+        dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
+        observe: bool = False,
+        related: Callable[[], Iterable[int]] | None = None,
+        dump_dir: str | os.PathLike[str] | None = None,
+        on_incident: Callable[[Incident], None] | None = None,
+    ) -> None:
+        if kill is not None and not callable(kill):
+            raise TypeError(f"`kill` must be a reaper (callable), got {kill!r}")
+        self.kill: Reaper = SignalReaper() if kill is None else kill
+        self.dump_timeout = check_seconds("dump_timeout", dump_timeout, allow_zero=True)
+        self.recorder = None if directory is None else IncidentRecorder(directory)
+        self.observe = bool(observe)
+        self.related = related
+        self.dump_dir = None if dump_dir is None else Path(dump_dir)
+        self.on_incident = on_incident
+        #: the incidents recorded so far, most recent last
+        self.incidents: list[Incident] = []
+        self._own_dump_dir = False
+
+    def __repr__(self) -> str:
+        where = self.recorder.directory if self.recorder is not None else None
+        return (
+            f"IncidentReaper({str(where)!r}, kill={self.kill!r}, "
+            f"dump_timeout={self.dump_timeout}, observe={self.observe})"
+        )
+
+    def attach(
+        self,
+        *,
+        related: Callable[[], Iterable[int]],
+        on_incident: Callable[[Incident], None],
+    ) -> None:
+        """Called by a ``TimerServer``: its job's processes, and where incidents are reported."""
+        if self.related is None:
+            self.related = related
+        previous = self.on_incident
+
+        def report(incident: Incident) -> None:
+            on_incident(incident)
+            if previous is not None:
+                previous(incident)
+
+        self.on_incident = report
+
+    def open(self) -> Path:
+        """Make the directory clients write their faulthandler dumps into (if it has none)."""
+        if self.dump_dir is None:
+            self.dump_dir = Path(tempfile.mkdtemp(prefix="aiotimer-dumps-"))
+            self._own_dump_dir = True
+        return self.dump_dir
+
+    def close(self) -> None:
+        """Remove the dump directory ``open()`` made."""
+        if self._own_dump_dir and self.dump_dir is not None:
+            shutil.rmtree(self.dump_dir, ignore_errors=True)
+            self.dump_dir = None
+            self._own_dump_dir = False
+
+    @property
+    def dump_signal(self) -> int:
+        """The signal aiotimer clients should register their faulthandler dump on."""
+        return int(getattr(self.kill, "dump_signal", _signal.SIGUSR2))
+
+    def __call__(self, expiry: Expiry) -> Coroutine[Any, Any, None]:
+        """Capture, record, then kill: in a follow-up task (a capture takes time)."""
+        return self._run(expiry)
+
+    def _start(self, expiry: Expiry) -> Incident:
+        clock = expiry.clock
+        now = clock.now()
+        env = environ_of(expiry.pid)
+        return Incident(
+            pid=expiry.pid,
+            scopes=expiry.scopes(100),
+            time=monotonic_to_wall(clock, now),
+            deadline=monotonic_to_wall(clock, expiry.deadline),
+            lateness=now - expiry.deadline,
+            rank=env.get("RANK"),
+            local_rank=env.get("LOCAL_RANK"),
+            command=_cmdline(expiry.pid),
+            worker_pid=expiry.worker_pid,
+            torch_error_file=env.get("TORCHELASTIC_ERROR_FILE"),
+            observe=self.observe,
+        )
+
+    async def _capture_others(self, pid: int, timeout: float) -> list[dict[str, object]]:
+        pids = [p for p in (self.related() if self.related else ()) if p != pid][:_OTHERS_MAX]
+
+        async def one(other: int) -> dict[str, object]:
+            env = environ_of(other)
+            stacks = await capture_stacks(other, timeout=timeout)
+            return {
+                "pid": other,
+                "rank": env.get("RANK"),
+                "command": _cmdline(other),
+                "stacks": stacks.to_dict(),
+            }
+
+        return list(await asyncio.gather(*(one(p) for p in pids)))
+
+    async def _run(self, expiry: Expiry) -> None:
+        incident = self._start(expiry)
+        clock = expiry.clock
+        budget = expiry.deadline + self.dump_timeout - clock.now()
+        others: asyncio.Task[list[dict[str, object]]] | None = None
+        if self.dump_timeout > 0:
+            others = asyncio.ensure_future(
+                self._capture_others(expiry.pid, max(budget, 0.0) + _OTHERS_EXTRA)
+            )
+            dump_path = dump_file(self.dump_dir, expiry.pid) if self.dump_dir else None
+            incident.stacks = await capture_stacks(
+                expiry.pid,
+                timeout=budget,
+                dump_signal=expiry.dump_signal,
+                dump_path=dump_path,
+                send=lambda _sig: expiry.dump_stacks(),
+            )
+            incident.actions.append(
+                {
+                    "step": "capture",
+                    "method": incident.stacks.method,
+                    "seconds": round(incident.stacks.seconds, 6),
+                    "after_deadline": round(clock.now() - expiry.deadline, 6),
+                    "text": f"captured stacks with {incident.stacks.method} in "
+                    f"{incident.stacks.seconds:.3f}s"
+                    if incident.stacks.ok
+                    else f"no stacks: {incident.stacks.reason}",
+                }
+            )
+        if self.recorder is not None:
+            try:  # its path goes into torch's error file
+                self.recorder.claim(incident)
+            except OSError as exc:
+                logger.error("cannot write incidents into %s: %s", self.recorder.directory, exc)
+        error_file = incident.torch_error_file
+        if error_file and not self.observe and write_torch_error_file(error_file, incident):
+            incident.actions.append({"step": "torch error file", "text": f"wrote {error_file}"})
+        follow_up: object = None
+        if self.observe:
+            incident.actions.append({"step": "observe", "text": "observe mode: no signal sent"})
+        elif not expiry.exited:
+            follow_up = self.kill(expiry)
+        self._note_signals(incident, expiry)
+        if others is not None:
+            try:
+                incident.others = await asyncio.wait_for(others, budget + _OTHERS_EXTRA + 1.0)
+            except TimeoutError:
+                logger.warning("capturing the other processes of pid %d took too long", expiry.pid)
+        self._record(incident)
+        if isinstance(follow_up, Awaitable):
+            try:
+                await follow_up
+            finally:
+                if self._note_signals(incident, expiry):
+                    self._record(incident, again=True)
+
+    def _note_signals(self, incident: Incident, expiry: Expiry) -> bool:
+        """Add the signals sent since last noted to the incident; whether there were any."""
+        noted = sum(1 for a in incident.actions if a.get("step") == "signal")
+        new = list(zip(expiry.signals_sent, expiry.signal_times, strict=True))[noted:]
+        for sig, at in new:
+            after = at - expiry.deadline
+            if incident.kill_lateness is None:
+                incident.kill_lateness = after
+            incident.actions.append(
+                {
+                    "step": "signal",
+                    "signal": _signame(sig),
+                    "after_deadline": round(after, 6),
+                    "text": f"sent {_signame(sig)} {after:.3f}s after the deadline",
+                }
+            )
+        return bool(new)
+
+    def _record(self, incident: Incident, *, again: bool = False) -> None:
+        if not again:
+            self.incidents.append(incident)
+        if self.recorder is not None:
+            try:
+                self.recorder.write(incident)
+            except OSError as exc:
+                logger.error("cannot write the incident of pid %d: %s", incident.pid, exc)
+                return
+        if not again and self.on_incident is not None:
+            self.on_incident(incident)
+        if not again:
+            logger.warning(
+                "%s%s",
+                incident.summary(),
+                f"; incident: {incident.path.with_suffix('.txt')}" if incident.path else "",
+                extra=EVENT_LOGGED,
+            )

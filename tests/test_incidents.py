@@ -1,0 +1,335 @@
+"""Incidents: every expiry explains why the worker hung (stacks, the job's stacks, actions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aiotimer import IncidentReaper, IncidentRecorded, SignalReaper, TimerServer
+from aiotimer._incidents import Incident, IncidentRecorder, write_torch_error_file
+from aiotimer._stacks import Stacks, capture_stacks, parse_faulthandler
+
+WAIT = 120.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def incidents(directory: Path) -> list[dict[str, object]]:
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("incident-*.json"))]
+
+
+def frames(stacks: object) -> list[str]:
+    assert isinstance(stacks, dict)
+    return [f["function"] for t in stacks["threads"] for f in t["frames"]]
+
+
+HUNG = """
+    import time, aiotimer
+    def stuck_in_allreduce_xyz():
+        with aiotimer.expires(after=0.5, scope="allreduce"):
+            time.sleep(60)
+    print("ready", flush=True)
+    stuck_in_allreduce_xyz()
+"""
+PEER = """
+    import time, aiotimer
+    def waiting_for_peers_abc():
+        time.sleep(60)
+    aiotimer.get_client().acquire_after("keepalive", 3600)  # a process the server watches
+    print("ready", flush=True)
+    waiting_for_peers_abc()
+"""
+
+
+# -- real processes ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_incident_has_the_hung_stack_and_the_other_ranks_stack(tmp_path: Path) -> None:
+    recorded: list[IncidentRecorded] = []
+    async with TimerServer(incident_dir=tmp_path, dump_timeout=1.0) as server:
+        server.events.subscribe(lambda e: isinstance(e, IncidentRecorded) and recorded.append(e))
+        pipe = asyncio.subprocess.PIPE
+        peer = await server.spawn(*py(PEER), stdout=pipe)
+        hung = await server.spawn(*py(HUNG), stdout=pipe)
+        for w in (peer, hung):
+            assert w.stdout is not None
+            assert await asyncio.wait_for(w.stdout.readline(), WAIT) == b"ready\n"
+        assert await asyncio.wait_for(hung.wait(), WAIT) == -signal.SIGKILL
+        await asyncio.sleep(0.1)
+    (incident,) = incidents(tmp_path)
+    assert incident["pid"] == hung.pid and incident["scopes"] == ["allreduce"]
+    assert "stuck_in_allreduce_xyz" in frames(incident["stacks"])
+    others = {o["pid"]: o for o in incident["others"]}  # type: ignore[union-attr]
+    assert "waiting_for_peers_abc" in frames(others[peer.pid]["stacks"])
+    # Killed within the bound: never later than deadline + dump_timeout (plus a loop turn).
+    assert isinstance(incident["kill_lateness"], float) and incident["kill_lateness"] < 1.5
+    steps = [a["step"] for a in incident["actions"]]  # type: ignore[union-attr]
+    assert steps == ["capture", "signal"]
+    text = Path(str(incident["stacks"] and recorded[0].path)).with_suffix(".txt").read_text()
+    assert "stuck_in_allreduce_xyz" in text and "waiting_for_peers_abc" in text
+    assert recorded[0].pid == hung.pid and "hung in 'allreduce'" in recorded[0].summary
+
+
+@pytest.mark.slow
+async def test_escalation_tiers_are_each_recorded_with_their_time(tmp_path: Path) -> None:
+    code = """
+        import signal, time, aiotimer
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with aiotimer.expires(after=0.3, scope="stubborn"):
+            time.sleep(60)
+    """
+    reaper = IncidentReaper(tmp_path, kill=SignalReaper("TERM", grace=0.5), dump_timeout=0.5)
+    async with TimerServer(reaper=reaper) as server:
+        worker = await server.spawn(*py(code))
+        assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+        await asyncio.sleep(0.2)
+    (incident,) = incidents(tmp_path)
+    actions = incident["actions"]
+    assert isinstance(actions, list)
+    assert [a["step"] for a in actions] == ["capture", "signal", "signal"]
+    assert [a.get("signal") for a in actions[1:]] == ["SIGTERM", "SIGKILL"]
+    assert actions[2]["after_deadline"] - actions[1]["after_deadline"] >= 0.5
+
+
+@pytest.mark.slow
+async def test_observe_mode_records_and_lets_the_worker_finish(tmp_path: Path) -> None:
+    code = """
+        import time, aiotimer
+        def slow_but_fine_qrs():
+            with aiotimer.expires(after=0.2, scope="slow"):
+                time.sleep(1.0)
+        slow_but_fine_qrs()
+        print("finished", flush=True)
+    """
+    async with TimerServer(reaper=IncidentReaper(tmp_path, observe=True)) as server:
+        worker = await server.spawn(*py(code), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        out = await asyncio.wait_for(worker.stdout.read(), WAIT)
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0
+        assert server.statistics().kills == 0 and server.statistics().expiries == 1
+    assert out == b"finished\n"
+    (incident,) = incidents(tmp_path)
+    assert incident["observe"] is True and incident["kill_lateness"] is None
+    assert "slow_but_fine_qrs" in frames(incident["stacks"])
+
+
+@pytest.mark.slow
+async def test_without_py_spy_a_native_client_still_gives_its_faulthandler_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOTIMER_PY_SPY", "")  # as if py-spy were not installed
+    async with TimerServer(incident_dir=tmp_path) as server:
+        worker = await server.spawn(*py(HUNG), stdout=asyncio.subprocess.PIPE)
+        assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+        await asyncio.sleep(0.1)
+    (incident,) = incidents(tmp_path)
+    stacks = incident["stacks"]
+    assert isinstance(stacks, dict)
+    assert stacks["method"] == "faulthandler"
+    assert "py-spy is not available" in str(stacks["reason"])
+    assert "stuck_in_allreduce_xyz" in frames(stacks)
+
+
+@pytest.mark.slow
+async def test_without_any_way_to_capture_the_incident_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeper: object
+) -> None:
+    monkeypatch.setenv("AIOTIMER_PY_SPY", "")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async with TimerServer(incident_dir=tmp_path) as server:
+            server.local_channel(pids=[proc.pid]).acquire(proc.pid, "bare", server.clock.now())
+            assert await asyncio.to_thread(proc.wait, WAIT) == -signal.SIGKILL
+            await asyncio.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (incident,) = incidents(tmp_path)
+    stacks = incident["stacks"]
+    assert isinstance(stacks, dict) and stacks["method"] is None
+    assert "py-spy is not available" in str(stacks["reason"])
+    assert "registered no stack-dump signal" in str(stacks["reason"])
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_torchruns_root_cause_names_the_expired_scope(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    worker = tmp_path / "torchrun_worker.py"
+    shutil.copy(ROOT / "examples" / "torchrun_worker.py", worker)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_TIMER_FILE"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiotimer",
+            "serve",
+            "--fifo",
+            str(tmp_path / "job.fifo"),
+            "--incident-dir",
+            str(tmp_path / "incidents"),
+            "--",
+            torchrun,
+            "--standalone",
+            "--nproc-per-node=2",
+            "--max-restarts=0",
+            str(worker),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out  # --max-restarts=0: the job fails ...
+    root = out[out.index("Root Cause") :]
+    # ... and says why: the expired scope and where it hung, not "Signal 9 received".
+    assert "aiotimer: watchdog timeout: rank 1" in root and "hung in 'step'" in root
+    assert "torchrun_worker.py" in root
+    (incident,) = incidents(tmp_path / "incidents")
+    assert incident["rank"] == "1" and incident["scopes"] == ["step"]
+    assert any(
+        "torchrun_worker.py" in f["file"]
+        for t in incident["stacks"]["threads"]  # type: ignore[index]
+        for f in t["frames"]
+    )
+
+
+# -- units ------------------------------------------------------------------------
+
+
+def test_faulthandler_output_is_parsed_into_threads_and_frames() -> None:
+    text = textwrap.dedent("""\
+        Thread 0x00007f0000000001 (most recent call first):
+          File "/x/worker.py", line 12 in helper
+          File "/x/worker.py", line 30 in <module>
+
+        Current thread 0x00007f0000000002 (most recent call first):
+          File "/x/io.py", line 7 in read_forever
+    """)
+    threads = parse_faulthandler(text)
+    assert [(t.id, t.active) for t in threads] == [(0x7F0000000001, False), (0x7F0000000002, True)]
+    assert [(f.function, f.file, f.line) for f in threads[0].frames] == [
+        ("helper", "/x/worker.py", 12),
+        ("<module>", "/x/worker.py", 30),
+    ]
+    assert Stacks(5, "faulthandler", threads, text).top().function == "helper"  # type: ignore[union-attr]
+
+
+def _incident(pid: int = 42) -> Incident:
+    return Incident(pid=pid, scopes=["step"], time=1.7e9, deadline=1.7e9 - 0.001, lateness=0.001)
+
+
+def test_incidents_never_overwrite_each_other(tmp_path: Path) -> None:
+    recorder = IncidentRecorder(tmp_path)
+    paths = {recorder.write(_incident()) for _ in range(5)}  # same second, same pid
+    assert len(paths) == 5 and len(list(tmp_path.glob("*.txt"))) == 5
+    incident = _incident()
+    first = recorder.write(incident)
+    incident.actions.append({"step": "signal", "text": "sent SIGKILL"})
+    assert recorder.write(incident) == first  # an update replaces its own file only
+    assert "sent SIGKILL" in first.with_suffix(".txt").read_text()
+
+
+def test_torchs_error_file_is_written_once_and_never_over_the_workers_own(tmp_path: Path) -> None:
+    path = tmp_path / "error.json"
+    assert write_torch_error_file(str(path), _incident())
+    data = json.loads(path.read_text())
+    assert "hung in 'step'" in data["message"]["message"]
+    assert int(data["message"]["extraInfo"]["timestamp"]) > 0
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"message": "the worker wrote this"}')
+    assert not write_torch_error_file(str(mine), _incident())
+    assert mine.read_text() == '{"message": "the worker wrote this"}'
+
+
+async def test_a_capture_that_runs_out_of_time_says_so(tmp_path: Path) -> None:
+    slow = tmp_path / "slow-py-spy"
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    os.environ["AIOTIMER_PY_SPY"] = str(slow)
+    try:
+        stacks = await capture_stacks(os.getpid(), timeout=0.2)
+    finally:
+        del os.environ["AIOTIMER_PY_SPY"]
+    assert not stacks.ok and "longer than 0.2s" in str(stacks.reason)
+    assert stacks.seconds < 2.0
+    none = await capture_stacks(os.getpid(), timeout=0.0)
+    assert not none.ok and "no time left" in str(none.reason)
+
+
+def test_bad_arguments_name_the_parameter_and_value() -> None:
+    with pytest.raises(ValueError, match="`dump_timeout` must be a finite number of seconds"):
+        IncidentReaper(dump_timeout=-1)
+    with pytest.raises(TypeError, match="`kill` must be a reaper"):
+        IncidentReaper(kill=3)  # type: ignore[arg-type]
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "aiotimer", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.slow
+def test_run_prints_one_line_per_incident_with_its_path(tmp_path: Path) -> None:
+    code = """
+        import os, time, aiotimer
+        def stuck_in_allreduce_xyz():
+            with aiotimer.expires(after=0.3, scope="allreduce"):
+                time.sleep(60)
+        def waiting_for_peers_abc():
+            time.sleep(60)
+        stuck_in_allreduce_xyz() if os.environ["RANK"] == "1" else waiting_for_peers_abc()
+    """
+    result = run_cli("-n", "2", "--", *py(code), cwd=tmp_path)
+    assert result.returncode == 124, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "incident:" in line]
+    assert len(lines) == 1, result.stderr
+    assert "rank 1 (pid" in lines[0] and "stuck_in_allreduce_xyz" in lines[0]
+    path = tmp_path / lines[0].split("incident: ")[1]  # the default: ./aiotimer-incidents
+    assert path.parent.name == "aiotimer-incidents" and path.exists()
+    assert "waiting_for_peers_abc" in path.read_text()
+
+
+@pytest.mark.slow
+def test_run_observe_records_and_lets_every_rank_finish(tmp_path: Path) -> None:
+    code = """
+        import time, aiotimer
+        with aiotimer.expires(after=0.2, scope="slow"):
+            time.sleep(0.8)
+        print("finished", flush=True)
+    """
+    result = run_cli("--observe", "--incident-dir", "inc", "--", *py(code), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[rank0]: finished" in result.stdout
+    assert "expiries observed: attempt 0 in slow" in result.stderr
+    (incident,) = incidents(tmp_path / "inc")
+    assert incident["observe"] is True
