@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -36,11 +38,18 @@ def loop(request: pytest.FixtureRequest) -> str:
 def marker() -> Iterator[str]:
     """A string that marks this test's processes, so none can be left unnoticed."""
     mark = f"aiotimer-test-{uuid.uuid4().hex}"
+    workdir(mark).mkdir()
     yield mark
+    shutil.rmtree(workdir(mark), ignore_errors=True)
     left = processes_with(mark)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
+
+
+def workdir(mark: str) -> Path:
+    """Where the launcher runs (its incidents go to ./aiotimer-incidents there)."""
+    return Path(tempfile.gettempdir()) / mark
 
 
 def processes_with(mark: str) -> list[int]:
@@ -75,7 +84,7 @@ def launcher(
         argv,
         env=env,
         text=text,
-        cwd=ROOT,
+        cwd=workdir(marker),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         **kwargs,
@@ -245,8 +254,8 @@ def test_a_closed_stdout_ends_the_job_quietly(loop: str, marker: str) -> None:
         shell=True,
         capture_output=True,
         text=True,
-        env=env,
-        cwd=ROOT,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        cwd=workdir(marker),
         timeout=WAIT,
     )
     assert head.stdout.splitlines() == ["[rank0]: line 0", "[rank0]: line 1", "[rank0]: line 2"]
