@@ -37,7 +37,7 @@ from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
 from ._linux import environ_of
 from ._reapers import SignalReaper
-from ._stacks import Stacks, capture_stacks, dump_file
+from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy
 from ._validate import check_seconds
 
 __all__ = ["DEFAULT_DUMP_TIMEOUT", "Incident", "IncidentReaper", "IncidentRecorder"]
@@ -49,6 +49,8 @@ DEFAULT_DUMP_TIMEOUT = 1.0
 _OTHERS_EXTRA = 2.0
 # At most this many other processes are captured.
 _OTHERS_MAX = 32
+# A capture started this recently is shared with any incident that wants it.
+_SHARE_FOR = 2.0
 _seq = itertools.count(1)
 
 
@@ -270,6 +272,7 @@ class IncidentReaper:
         #: the incidents recorded so far, most recent last
         self.incidents: list[Incident] = []
         self._own_dump_dir = False
+        self._recent: dict[int, tuple[float, asyncio.Task[Stacks]]] = {}
 
     def __repr__(self) -> str:
         where = self.recorder.directory if self.recorder is not None else None
@@ -337,38 +340,70 @@ class IncidentReaper:
             observe=self.observe,
         )
 
+    def _capture(
+        self, pid: int, timeout: float, expiry: Expiry | None = None
+    ) -> asyncio.Task[Stacks]:
+        """A capture of ``pid``'s stacks, shared by every incident that wants it now.
+
+        When 16 ranks expire together, each incident wants every rank's stacks:
+        each process is captured once, not 16 times over.
+        """
+        now = time.monotonic()
+        for old in [p for p, (at, _) in self._recent.items() if now - at > _SHARE_FOR]:
+            del self._recent[old]
+        shared = self._recent.get(pid)
+        if shared is not None and (expiry is None or find_py_spy() is not None):
+            return shared[1]
+        dump_path = None
+        if expiry is not None and self.dump_dir is not None:
+            dump_path = dump_file(self.dump_dir, pid)
+        task = asyncio.ensure_future(
+            capture_stacks(
+                pid,
+                timeout=timeout,
+                dump_signal=0 if expiry is None else expiry.dump_signal,
+                dump_path=dump_path,
+                send=None if expiry is None else (lambda _sig: expiry.dump_stacks()),
+            )
+        )
+        self._recent[pid] = (now, task)
+        return task
+
     async def _capture_others(self, pid: int, timeout: float) -> list[dict[str, object]]:
         pids = [p for p in (self.related() if self.related else ()) if p != pid][:_OTHERS_MAX]
-
-        async def one(other: int) -> dict[str, object]:
+        tasks = [(other, self._capture(other, timeout)) for other in pids]
+        others: list[dict[str, object]] = []
+        for other, task in tasks:
+            try:
+                stacks = await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                stacks = Stacks(other, reason=f"not captured within {timeout:.3g}s")
             env = environ_of(other)
-            stacks = await capture_stacks(other, timeout=timeout)
-            return {
-                "pid": other,
-                "rank": env.get("RANK"),
-                "command": _cmdline(other),
-                "stacks": stacks.to_dict(),
-            }
-
-        return list(await asyncio.gather(*(one(p) for p in pids)))
+            others.append(
+                {
+                    "pid": other,
+                    "rank": env.get("RANK"),
+                    "command": _cmdline(other),
+                    "stacks": stacks.to_dict(),
+                }
+            )
+        return others
 
     async def _run(self, expiry: Expiry) -> None:
         incident = self._start(expiry)
         clock = expiry.clock
-        budget = expiry.deadline + self.dump_timeout - clock.now()
+        budget = max(0.0, expiry.deadline + self.dump_timeout - clock.now())
         others: asyncio.Task[list[dict[str, object]]] | None = None
         if self.dump_timeout > 0:
-            others = asyncio.ensure_future(
-                self._capture_others(expiry.pid, max(budget, 0.0) + _OTHERS_EXTRA)
-            )
-            dump_path = dump_file(self.dump_dir, expiry.pid) if self.dump_dir else None
-            incident.stacks = await capture_stacks(
-                expiry.pid,
-                timeout=budget,
-                dump_signal=expiry.dump_signal,
-                dump_path=dump_path,
-                send=lambda _sig: expiry.dump_stacks(),
-            )
+            main = self._capture(expiry.pid, budget, expiry)
+            others = asyncio.ensure_future(self._capture_others(expiry.pid, budget + _OTHERS_EXTRA))
+            # The bound holds whatever the capture does: the kill is never later
+            # than deadline + dump_timeout.
+            try:
+                incident.stacks = await asyncio.wait_for(asyncio.shield(main), budget)
+            except TimeoutError:
+                late = f"the capture did not finish within dump_timeout ({self.dump_timeout:g}s)"
+                incident.stacks = Stacks(expiry.pid, reason=late, seconds=budget)
             incident.actions.append(
                 {
                     "step": "capture",

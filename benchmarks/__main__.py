@@ -34,7 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What the README publishes: only ``--publish`` writes here.
 PUBLISHED = ROOT / "benchmarks" / "results"
 PUBLISHED_CHART = ROOT / "docs" / "benchmark.png"
-SCENARIOS = ("kill", "throughput", "scale", "idle", "client", "load", "garbage", "burst")
+SCENARIOS = (
+    "kill",
+    "throughput",
+    "scale",
+    "idle",
+    "client",
+    "load",
+    "garbage",
+    "burst",
+    "capture",
+)
 
 
 def loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -580,6 +590,42 @@ def bench_hardening(
     return rows
 
 
+def bench_capture(sizes: Sequence[int], reps: int, report: Report) -> list[dict[str, Any]]:
+    """The kill delay incident capture adds (uvloop: what ``aiotimer run`` uses)."""
+    rows: list[dict[str, Any]] = []
+    factory = loop_factories().get("uvloop", asyncio.new_event_loop)
+    for n in sizes:
+        for with_capture in (False, True):
+            label = "with capture" if with_capture else "without"
+            progress(f"capture: {n} hung worker(s), {label}")
+            out = run_on(factory, hardening.capture(n, with_capture, reps))
+            rows.append(
+                {
+                    "scenario": "capture",
+                    "workers": n,
+                    "capture": with_capture,
+                    "decision_ms": summarize_ms(out.decisions).as_dict(),
+                    "missed": out.missed,
+                }
+            )
+    report.table(
+        "Incident capture: deadline -> signal, ms, with the hung stacks captured first or not",
+        ["N", "capture", "dec p50", "dec p99", "max", "missed"],
+        [
+            [
+                str(r["workers"]),
+                "py-spy, 1 s bound" if r["capture"] else "off",
+                fmt(r["decision_ms"]["p50"], 2),
+                fmt(r["decision_ms"]["p99"], 2),
+                fmt(r["decision_ms"]["max"], 2),
+                str(r["missed"]),
+            ]
+            for r in rows
+        ],
+    )
+    return rows
+
+
 # -- chart --------------------------------------------------------------------------
 
 
@@ -749,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += bench_idle(args.idle_seconds, loops, has_torch, torch_defaults, report)
     if "client" in scenarios:
         rows += bench_client(args.calls, has_torch, report)
+    if "capture" in scenarios:
+        rows += bench_capture([1, 2] if args.quick else [1, 16], 1 if args.quick else 3, report)
     if scenarios & {"load", "garbage", "burst"}:
         bursts = [tuple(int(x) for x in b.split("x")) for b in args.bursts.split(",") if b]
         rows += bench_hardening(

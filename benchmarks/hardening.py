@@ -9,6 +9,9 @@
   many log records did the garbage cost, and how much server CPU?
 - ``burst``: K timers in W workers all due at one instant: how late is the
   first signal, and how long is the loop blocked?
+- ``capture``: N hung workers, with and without incident capture (py-spy
+  stacks of the hung process and of its job, before the kill): how much later
+  does the signal go out?
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from aiotimer import Event, KillWorkerProcess, TimerServer, Worker
 from aiotimer.transports import listen_fifo
 
+from . import kill
 from ._procs import expect_line, python_worker_argv, start_torch_host, worker_env
 
 PIPE = asyncio.subprocess.PIPE
@@ -284,4 +288,19 @@ async def burst(workers: int, timers_each: int) -> Outcome:
         for p in procs:
             await asyncio.wait_for(p.wait(), 60)
         out.missed = workers - len(out.decisions)
+    return out
+
+
+# -- incident capture --------------------------------------------------------------------
+
+
+async def capture(workers: int, with_capture: bool, reps: int) -> Outcome:
+    """``workers`` hung workers killed, their stacks captured first or not: decision latencies."""
+    out = Outcome()
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            server = TimerServer(incident_dir=tmp, dump_timeout=1.0) if with_capture else None
+            run = await kill.aiotimer_pipe(workers, server)
+            out.decisions += run.decision
+            out.missed += run.missed
     return out

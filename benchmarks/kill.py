@@ -115,11 +115,11 @@ def _decisions_into(server: TimerServer, run_decisions: list[float]) -> TimerSer
     return server
 
 
-async def aiotimer_pipe(n: int) -> KillRun:
-    """aiotimer's TimerServer in this loop; plain workers it spawned, over pipes."""
+async def aiotimer_pipe(n: int, server: TimerServer | None = None) -> KillRun:
+    """aiotimer's TimerServer in this loop (``server``, or a default one); workers over pipes."""
     decisions: list[float] = []
     pipe = asyncio.subprocess.PIPE
-    async with _decisions_into(TimerServer(), decisions) as server:
+    async with _decisions_into(server or TimerServer(), decisions) as server:
         argv = python_worker_argv("aiotimer")
 
         async def spawn() -> object:
