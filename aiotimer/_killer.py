@@ -94,9 +94,11 @@ class FollowUps:
         """Run follow-ups on ``loop``."""
         self._loop = loop
 
-    async def aclose(self) -> None:
-        """Cancel every follow-up still running."""
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Let follow-ups finish for up to ``grace`` seconds, then cancel the rest."""
         tasks = list(self._tasks)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -221,9 +223,9 @@ class Killer:
         """Run follow-ups on ``loop``."""
         self._follow_ups.bind(loop)
 
-    async def aclose(self) -> None:
-        """Cancel every follow-up still running."""
-        await self._follow_ups.aclose()
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Let follow-ups finish for up to ``grace`` seconds, then cancel the rest."""
+        await self._follow_ups.aclose(grace)
 
     # -- before the burst ----------------------------------------------------
 

@@ -219,7 +219,11 @@ class TimerServer:
         self._state = _State.CLOSING
         self._dispatcher.close()
         self._scheduler.stop()
-        await self._killer.aclose()
+        # An incident being captured is finished first (a few seconds at most):
+        # it is what the person paged afterwards reads.
+        await self._killer.aclose(
+            self._incidents.dump_timeout + 4.0 if self._incidents is not None else 0.0
+        )
         for listener in reversed(self._listeners):
             try:
                 await listener.aclose()

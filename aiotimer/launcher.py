@@ -284,6 +284,9 @@ class Job:
         self._stopped = asyncio.Event()
         self._force = False
         self._live: dict[int, _Rank] = {}  # worker pid -> rank, this attempt
+        self._incidents: set[int | None] = set()  # worker pids with an incident recorded
+        self._incident_recorded = asyncio.Event()
+        self._capture_wait = float(getattr(reaper, "dump_timeout", 0.0)) + 4.0
 
     # -- stopping ----------------------------------------------------------
 
@@ -340,6 +343,8 @@ class Job:
         elif isinstance(event, IncidentRecorded):
             where = f"; incident: {Path(event.path).with_suffix('.txt')}" if event.path else ""
             self.output.say(f"{event.summary}{where}")
+            self._incidents.add(event.worker_pid)
+            self._incident_recorded.set()
 
     # -- ranks ---------------------------------------------------------------
 
@@ -389,8 +394,27 @@ class Job:
         self._live[worker.pid] = rank
         return rank
 
+    async def _incidents_of(self, ranks: Sequence[_Rank]) -> None:
+        """Wait (bounded) until the expired ranks' incidents are recorded.
+
+        An incident captures the other ranks' stacks too (the culprit is often
+        the rank that never joined the collective): they are stopped after.
+        """
+        if not hasattr(self._reaper, "dump_timeout"):
+            return
+        expired = {r.worker.pid for r in ranks if r.expired_scopes}
+        deadline = asyncio.get_running_loop().time() + self._capture_wait
+        while expired - self._incidents and not self._force:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._incident_recorded.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._incident_recorded.wait(), left)
+
     async def _end(self, ranks: Sequence[_Rank]) -> None:
         """Stop what is left of ``ranks``: SIGTERM, the grace, SIGKILL; then their descendants."""
+        await self._incidents_of(ranks)
         running = [r for r in ranks if r.worker.returncode is None]
         for rank in running:
             rank.worker.terminate()
