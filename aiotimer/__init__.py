@@ -23,6 +23,7 @@ from ._client import get_client as get_client
 from ._client import timer as timer
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
+from ._eventlog import JsonEventLog as JsonEventLog
 from ._events import Event as Event
 from ._events import EventBus as EventBus
 from ._events import IncidentRecorded as IncidentRecorded
@@ -46,6 +47,7 @@ from ._heap import DeadlineHeap as DeadlineHeap
 from ._heap import Timer as Timer
 from ._incidents import Incident as Incident
 from ._incidents import IncidentReaper as IncidentReaper
+from ._metrics import MetricsServer as MetricsServer
 from ._reapers import SignalReaper as SignalReaper
 from ._server import TimerServer as TimerServer
 from ._workers import Worker as Worker
@@ -86,6 +88,8 @@ __all__ = [
     "WatchdogStarted",
     "WatchdogStopped",
     "WorkerExited",
+    "JsonEventLog",
+    "MetricsServer",
     # pure bookkeeping
     "DeadlineHeap",
     "Timer",

@@ -72,9 +72,9 @@ class RejectionLog:
         self.period = period
         self._periods: dict[int, _Period] = {}
 
-    def add(self, channel: Channel, reasons: Sequence[str]) -> None:
-        """Count, and log or summarise, the rejections ``reasons`` on ``channel``."""
-        self._counters.rejected += len(reasons)
+    def add(self, channel: Channel, reasons: Sequence[str], kind: str = "malformed") -> None:
+        """Count, and log or summarise, the rejections ``reasons`` (of ``kind``) on ``channel``."""
+        self._counters.record_rejected(kind, len(reasons))
         cid = channel.id
         period = self._periods.get(cid)
         if period is None:
@@ -147,9 +147,9 @@ class Dispatcher:
         self.open = False
         self.rejections.close()
 
-    def reject(self, channel: Channel, reason: str) -> None:
+    def reject(self, channel: Channel, reason: str, kind: str = "malformed") -> None:
         """Count, and log at a bounded rate, one refused request."""
-        self.rejections.add(channel, (reason,))
+        self.rejections.add(channel, (reason,), kind)
 
     def dispatch(
         self, channel: Channel, requests: Sequence[Request], errors: Sequence[str] = ()
@@ -183,7 +183,7 @@ class Dispatcher:
             ):
                 admitted = registry.admit(channel, pid, revalidate=check)
                 if isinstance(admitted, str):
-                    self.reject(channel, admitted)
+                    self.reject(channel, admitted, "not_admitted")
                     continue
                 process = admitted
             if op is Op.ACQUIRE_AFTER:
@@ -218,6 +218,7 @@ class Dispatcher:
                     f"pid {pid} has {timers} timers with {chars} characters of scopes; "
                     f"{scope[:80]!r} would exceed its caps (timers_per_process={max_timers}, "
                     f"scope_chars_per_process={max_chars})",
+                    "over_cap",
                 )
                 continue
             accepted += 1

@@ -8,7 +8,9 @@ At the edge, ``log_event(name, info)`` hooks get torch's event names
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,7 +25,9 @@ __all__ = [
     "WATCHDOG_STOPPED",
     "WORKER_EXITED",
     "EVENT_LOGGED",
+    "BUCKETS",
     "Counters",
+    "Histogram",
     "Event",
     "EventBus",
     "IncidentRecorded",
@@ -228,20 +232,93 @@ class Statistics:
     decision_lag_mean: float
 
 
+#: Histogram bucket bounds, seconds (Prometheus's ``le``), for latencies from 0.1 ms to 10 s.
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Histogram:
+    """Counts of observations per bucket of ``BUCKETS`` (not cumulative), and their sum."""
+
+    __slots__ = ("counts", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last: above every bound
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.total += 1
+        self.sum += value
+
+    def observe_descending(self, values: Sequence[float]) -> None:
+        """Count many observations, given largest first, in O(buckets x log n)."""
+        n = len(values)
+        if not n:
+            return
+        below = 0  # how many are <= the previous bound
+        for i, bound in enumerate(BUCKETS):
+            # values descend: the ones <= bound are a suffix
+            lo, hi = 0, n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if values[mid] <= bound:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            upto = n - lo
+            self.counts[i] += upto - below
+            below = upto
+        self.counts[-1] += n - below
+        self.total += n
+        self.sum += math.fsum(values)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(le, count of observations <= le)`` pairs, the last with ``le`` = +inf."""
+        out = []
+        running = 0
+        for bound, count in zip((*BUCKETS, math.inf), list(self.counts), strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
 class Counters:
     """The mutable counters behind ``Statistics``; the server's parts share one."""
 
     __slots__ = (
         "decision_count",
+        "decision_hist",
         "decision_max",
         "decision_sum",
         "expiries",
         "kills",
+        "kills_by_signal",
         "lag_count",
+        "lag_hist",
         "lag_max",
         "lag_sum",
         "reaper_errors",
         "rejected",
+        "rejected_by",
         "requests",
         "wakeups",
     )
@@ -251,6 +328,12 @@ class Counters:
         self.reaper_errors = self.wakeups = 0
         self.lag_count = self.decision_count = 0
         self.lag_sum = self.lag_max = self.decision_sum = self.decision_max = 0.0
+        #: rejections by kind: "malformed", "not_admitted", "over_cap"
+        self.rejected_by: dict[str, int] = {}
+        #: every signal the watchdog sent (escalations too), by signal name
+        self.kills_by_signal: dict[str, int] = {}
+        self.decision_hist = Histogram()
+        self.lag_hist = Histogram()
 
     def record_lag(self, lag: float) -> None:
         """Record how late the scheduler handled one expired timer."""
@@ -266,12 +349,23 @@ class Counters:
         self.lag_count += len(deadlines)
         self.lag_sum += len(deadlines) * now - sum(deadlines)
         self.lag_max = max(self.lag_max, now - deadlines[0])
+        self.lag_hist.observe_descending([now - d for d in deadlines])
 
     def record_decision(self, lag: float) -> None:
         """Record how late the first signal for an expiry went out."""
         self.decision_count += 1
         self.decision_sum += lag
         self.decision_max = max(self.decision_max, lag)
+        self.decision_hist.observe(lag)
+
+    def record_rejected(self, kind: str, count: int = 1) -> None:
+        """Count ``count`` rejections of ``kind``."""
+        self.rejected += count
+        self.rejected_by[kind] = self.rejected_by.get(kind, 0) + count
+
+    def record_signal(self, name: str) -> None:
+        """Count one signal the watchdog sent."""
+        self.kills_by_signal[name] = self.kills_by_signal.get(name, 0) + 1
 
     def snapshot(
         self, *, active_timers: int, watched_processes: int, next_deadline_in: float | None

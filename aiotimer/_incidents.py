@@ -171,7 +171,8 @@ class IncidentRecorder:
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
+        # Absolute: the path is reported (events, torch's error file) to readers elsewhere.
+        self.directory = Path(directory).absolute()
 
     def claim(self, incident: Incident) -> Path:
         """Give ``incident`` a file of its own (created empty, never another's)."""

@@ -425,6 +425,7 @@ class Killer:
     def _signalled(self, expiry: Expiry, sig: int) -> None:
         at = self._clock.now()
         if len(expiry.signals_sent) != 1:  # an escalation: reported as it happens
+            self._counters.record_signal(_signal_name(sig))
             logger.warning(
                 "sent %s to pid %d (%.3f s after its deadline)",
                 _signal_name(sig),
@@ -447,6 +448,7 @@ class Killer:
         latency = at - expiry.deadline
         self._counters.kills += 1
         self._counters.record_decision(latency)
+        self._counters.record_signal(_signal_name(sig))
         worker = expiry.worker
         if worker is not None and worker.pid == expiry.pid:
             worker.killed_by_watchdog = True

@@ -14,7 +14,7 @@ import asyncio
 import enum
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._clock import Clock, SystemClock
@@ -34,6 +34,7 @@ from ._heap import DeadlineHeap
 from ._incidents import DEFAULT_DUMP_TIMEOUT, Incident, IncidentReaper
 from ._killer import Killer
 from ._linux import ProcessGone, descendants, live_processes
+from ._metrics import MetricsServer
 from ._processes import ProcessRegistry, WatchedProcess
 from ._reapers import SignalReaper
 from ._scheduler import Scheduler
@@ -361,6 +362,34 @@ class TimerServer:
             watched_processes=len(self._registry),
             next_deadline_in=None if nxt == math.inf else nxt - self._clock.now(),
         )
+
+    def serve_metrics(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        health_threshold: float = 1.0,
+        workers: Callable[[], Mapping[str, int]] | None = None,
+        restarts: Callable[[], int] | None = None,
+    ) -> MetricsServer:
+        """Serve Prometheus metrics and ``/healthz`` on ``host:port`` (0: a free port).
+
+        Needs ``prometheus_client`` (``pip install 'aiotimer[metrics]'``).  Read at
+        scrape time, from a thread: nothing is added to the kill path.  Closed
+        with the server.  ``workers()`` and ``restarts()`` let a launcher report
+        its workers by state and its restarts (default: running spawned workers).
+        """
+        metrics = MetricsServer(
+            lambda: (self._counters, len(self._heap), len(self._registry)),
+            self.running_loop(),
+            host=host,
+            port=port,
+            health_threshold=health_threshold,
+            workers=workers or (lambda: {"running": len(self._workers)}),
+            restarts=restarts,
+        )
+        self.add_listener(metrics)
+        return metrics
 
     @property
     def workers(self) -> frozenset[Worker]:

@@ -127,6 +127,22 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         help="record incidents and report expiries, but send no signal (to roll out deadlines)",
     )
     parser.add_argument(
+        "--event-log",
+        default=None,
+        help="append every event to FILE as one JSON object per line",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_count("--metrics-port", 0),
+        default=None,
+        help="serve Prometheus metrics and /healthz on this port (0: any free port, printed)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address to serve metrics on (default 127.0.0.1)",
+    )
+    parser.add_argument(
         "--dump-stacks",
         action="store_true",
         help="(deprecated: every expiry's stacks are captured into its incident)",
@@ -154,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N watched copies of a command",
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
         "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--incident-dir DIR] "
-        "[--dump-timeout S] [--observe] [--log-level LEVEL] -- CMD [ARGS...]",
+        "[--dump-timeout S] [--observe] [--event-log FILE] [--metrics-port PORT] "
+        "[--metrics-host HOST] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
         "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
         "aiotimer.expires()/timer() block overruns, and restart the group.",
@@ -206,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
         usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
-        "[--incident-dir DIR] [--dump-timeout S] [--observe] [--log-level LEVEL] -- CMD [ARGS...]",
+        "[--incident-dir DIR] [--dump-timeout S] [--observe] [--event-log FILE] "
+        "[--metrics-port PORT] [--metrics-host HOST] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
         "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
         "Exits with CMD's status.",
@@ -293,7 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             _configure_logging(args.log_level, events_printed=False)
             fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
-            return _run(serve_command(cmd, fifo=fifo, roots=args.root, reaper=reaper))
+            return _run(
+                serve_command(
+                    cmd,
+                    fifo=fifo,
+                    roots=args.root,
+                    reaper=reaper,
+                    event_log=args.event_log,
+                    metrics_port=args.metrics_port,
+                    metrics_host=args.metrics_host,
+                )
+            )
         _configure_logging(args.log_level, events_printed=True)
         job = Job(
             cmd,
@@ -303,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reaper=reaper,
             stop_grace=args.stop_grace,
             log_dir=args.log_dir,
+            event_log=args.event_log,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         status = _run(job.run())
         if job.output.closed:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ._eventlog import JsonEventLog
 from ._events import (
     Event,
     IncidentRecorded,
@@ -264,6 +265,9 @@ class Job:
         stop_grace: float = 10.0,
         log_dir: str | os.PathLike[str] | None = None,
         output: Output | None = None,
+        event_log: str | os.PathLike[str] | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if not command:
             raise UsageError("a command to run is required after --")
@@ -277,6 +281,11 @@ class Job:
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._reaper = reaper
         self._observe = bool(getattr(reaper, "observe", False))
+        self.event_log = event_log
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        #: restarts made so far (a group restart counts every rank)
+        self.restarts = 0
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer, self._stdout_closed)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
@@ -471,6 +480,7 @@ class Job:
             ok = all([self._settle(r, attempt) for r in ranks])
             if ok or self._stop_signal or attempt == self.max_restarts:
                 return
+            self.restarts += self.nprocs
             self.output.say(
                 f"restarting all {self.nprocs} ranks (restart {attempt + 1} of {self.max_restarts})"
             )
@@ -486,11 +496,27 @@ class Job:
             ok = self._settle(rank, attempt)
             if ok or not result.expired or self._stop_signal or attempt == self.max_restarts:
                 return
+            self.restarts += 1
             self.output.say(
                 f"restarting rank {result.rank} (restart {attempt + 1} of {self.max_restarts})"
             )
 
     # -- the job -----------------------------------------------------------------
+
+    def _rank_of(self, pid: int) -> str | None:
+        rank = self._live.get(pid)
+        return None if rank is None else str(rank.result.rank)
+
+    def workers_by_state(self) -> dict[str, int]:
+        """How many ranks run now, and how the others last ended."""
+        states = {"running": len(self._live), "succeeded": 0, "failed": 0}
+        running = {r.result.rank for r in self._live.values()}
+        for result in self.results:
+            if result.rank in running or result.returncode is None:
+                continue
+            ok = result.returncode == 0 and not result.expired
+            states["succeeded" if ok else "failed"] += 1
+        return states
 
     async def run(self) -> int:
         """Run the job to its end; return its exit status."""
@@ -498,9 +524,20 @@ class Job:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stop, sig)
+        log = (
+            None if self.event_log is None else JsonEventLog(self.event_log, rank_of=self._rank_of)
+        )
         try:
-            async with TimerServer(reaper=self._reaper) as server:
+            async with TimerServer(reaper=self._reaper, log_event=log) as server:
                 server.events.subscribe(self._on_event)
+                if self.metrics_port is not None:
+                    metrics = server.serve_metrics(
+                        host=self.metrics_host,
+                        port=self.metrics_port,
+                        workers=self.workers_by_state,
+                        restarts=lambda: self.restarts,
+                    )
+                    self.output.say(f"metrics on {metrics.url} (health: /healthz)")
                 if self.restart_policy == "group":
                     await self._run_group(server)
                 else:
@@ -508,6 +545,8 @@ class Job:
         finally:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            if log is not None:
+                log.close()
         if self._stop_signal == signal.SIGPIPE:
             return EXIT_SIGPIPE
         self.output.say("summary")
@@ -563,6 +602,9 @@ async def serve_command(
     fifo: str,
     roots: Sequence[int] = (),
     reaper: Reaper | None = None,
+    event_log: str | os.PathLike[str] | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
 
@@ -585,8 +627,12 @@ async def serve_command(
         raise UsageError(str(exc)) from None
     become_subreaper()
     token = uuid.uuid4().hex
-    async with TimerServer(reaper=reaper) as server:
+    log = None if event_log is None else JsonEventLog(event_log)
+    async with TimerServer(reaper=reaper, log_event=log) as server:
         await listen_fifo(server, fifo, roots=roots)
+        if metrics_port is not None:
+            metrics = server.serve_metrics(host=metrics_host, port=metrics_port)
+            print(f"aiotimer: metrics on {metrics.url} (health: /healthz)", file=sys.stderr)
         env = dict(os.environ)
         env["TORCHELASTIC_TIMER_FILE"] = fifo
         env[ENV_TOKEN] = token
@@ -600,4 +646,6 @@ async def serve_command(
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             kill_descendants({child.pid}, {token})
+    if log is not None:
+        log.close()
     return returncode if returncode >= 0 else 128 - returncode

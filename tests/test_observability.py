@@ -1,0 +1,183 @@
+"""Observability: the JSON event log, Prometheus metrics and /healthz, as monitoring reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from aiotimer import JsonEventLog, TimerServer
+from aiotimer._events import BUCKETS, Histogram
+from aiotimer.testing import MockClock, RecordingReaper
+
+pytest.importorskip("prometheus_client")
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 120.0
+ME = os.getpid()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (``name`` with its labels) in Prometheus text, 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_a_job_is_scraped_while_it_runs_and_its_event_log_is_json_lines(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    code = textwrap.dedent("""
+        import os, time, aiotimer
+        if os.environ["RANK"] == "0":
+            with aiotimer.expires(after=0.3, scope="hang"):
+                time.sleep(600)
+        time.sleep(8)  # rank 1 keeps the job running while it is scraped
+    """)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiotimer",
+            "run",
+            "-n",
+            "2",
+            "--restart-policy",
+            "rank",
+            "--metrics-port",
+            "0",
+            "--event-log",
+            str(events),
+            "--dump-timeout",
+            "0",
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        found = re.search(r"metrics on (http://\S+/metrics)", first)
+        assert found, first
+        url = found.group(1)
+        deadline = time.monotonic() + 60
+        while True:
+            status, text = get(url)
+            assert status == 200
+            if metric(text, 'aiotimer_kills_total{signal="SIGKILL"}') >= 1:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert metric(text, "aiotimer_expiries_total") == 1
+        assert metric(text, 'aiotimer_kills_total{signal="SIGKILL"}') == 1
+        assert metric(text, "aiotimer_decision_latency_seconds_count") == 1
+        assert metric(text, 'aiotimer_workers{state="running"}') == 1  # rank 1
+        assert metric(text, 'aiotimer_workers{state="failed"}') == 1  # rank 0, killed
+        assert metric(text, "aiotimer_requests_total") >= 2
+        assert get(url.replace("/metrics", "/healthz")) == (200, "ok\n")
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 124, err
+    records = [json.loads(line) for line in events.read_text().splitlines()]  # every line parses
+    names = [r["event"] for r in records]
+    assert names.index("timer expired") < names.index("kill worker process")
+    expired = records[names.index("timer expired")]
+    killed = records[names.index("kill worker process")]
+    assert expired["scope"] == "hang" and expired["rank"] == "0" and expired["lateness"] >= 0
+    assert killed["signal"] == "SIGKILL" and killed["pid"] == expired["pid"]
+    assert names[0] == "watchdog started" and names[-1] == "watchdog stopped"
+
+
+async def test_healthz_turns_503_while_the_loop_is_blocked_and_200_after() -> None:
+    async with TimerServer() as server:
+        metrics = server.serve_metrics(health_threshold=0.3)
+        health = f"http://127.0.0.1:{metrics.port}/healthz"
+        assert (await asyncio.to_thread(get, health))[0] == 200
+        seen: list[int] = []
+        probe = threading.Thread(target=lambda: seen.append(get(health)[0]))
+        probe.start()
+        time.sleep(1.0)  # the loop is blocked, on purpose
+        probe.join()
+        assert seen == [503]
+        assert (await asyncio.to_thread(get, health))[0] == 200
+        assert (await asyncio.to_thread(get, f"http://127.0.0.1:{metrics.port}/nope"))[0] == 404
+
+
+async def test_metrics_count_what_happened_on_a_mock_clock() -> None:
+    clock = MockClock()
+    async with TimerServer(clock=clock, reaper=RecordingReaper()) as server:
+        metrics = server.serve_metrics()
+        channel = server.local_channel()
+        channel.acquire(ME, "a", 1.0)
+        channel.acquire(ME, "b", 5.0)
+        channel.acquire(1, "not mine", 1.0)  # refused
+        await clock.advance(1.0)
+        _, text = await asyncio.to_thread(get, metrics.url)
+    assert metric(text, "aiotimer_requests_total") == 2
+    assert metric(text, 'aiotimer_rejected_total{reason="not_admitted"}') == 1
+    assert metric(text, "aiotimer_expiries_total") == 1
+    assert metric(text, "aiotimer_active_timers") == 1
+    assert metric(text, 'aiotimer_expiry_lag_seconds_bucket{le="0.0001"}') == 1
+
+
+def test_histogram_buckets_from_many_values_at_once_match_one_by_one() -> None:
+    values = sorted([0.00005, 0.0003, 0.0003, 0.002, 0.7, 3.0, 50.0, 0.0001], reverse=True)
+    many, single = Histogram(), Histogram()
+    many.observe_descending(values)
+    for v in values:
+        single.observe(v)
+    assert many.counts == single.counts and many.total == single.total == len(values)
+    assert many.cumulative()[-1] == (float("inf"), len(values))
+    assert len(many.cumulative()) == len(BUCKETS) + 1
+
+
+async def test_the_event_log_is_a_log_event_hook() -> None:
+    out = io.StringIO()
+    clock = MockClock()
+    log = JsonEventLog(stream=out, rank_of=lambda pid: "7")
+    async with TimerServer(clock=clock, reaper=RecordingReaper(), log_event=log) as server:
+        server.local_channel().acquire(ME, "step", 1.0)
+        await clock.advance(1.0)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["event"] for r in records] == [
+        "watchdog started",
+        "timer expired",
+        "watchdog stopped",
+    ]
+    assert records[1]["rank"] == "7" and records[1]["scope"] == "step" and records[1]["pid"] == ME
+
+
+def test_bad_arguments_name_the_parameter_and_value() -> None:
+    with pytest.raises(ValueError, match="give `path` or `stream`"):
+        JsonEventLog()
