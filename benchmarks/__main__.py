@@ -748,6 +748,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the chart's path (default: OUT/benchmark.png; with --publish: docs/benchmark.png)",
     )
     parser.add_argument(
+        "--with-metrics",
+        action="store_true",
+        help="kill: aiotimer's servers serve Prometheus metrics, scraped every 100 ms",
+    )
+    parser.add_argument(
         "--publish",
         action="store_true",
         help="write the README's published table and chart (a full run only)",
@@ -762,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = PUBLISHED if args.publish else ROOT / "benchmarks" / "results" / "local"
     if args.chart is None:
         args.chart = PUBLISHED_CHART if args.publish else args.out / "benchmark.png"
+    kill.WITH_METRICS = args.with_metrics
     if args.replot:
         saved = json.loads((args.out / "latest.json").read_text())
         return 0 if chart(saved["rows"], args.chart, saved["machine"]) else 1

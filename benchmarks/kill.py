@@ -14,10 +14,13 @@ servers and aiotimer's FIFO listener serve torch's own clients in these).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -115,17 +118,37 @@ def _decisions_into(server: TimerServer, run_decisions: list[float]) -> TimerSer
     return server
 
 
+#: Serve metrics from every aiotimer server measured, scraped every 100 ms (``--with-metrics``).
+WITH_METRICS = False
+
+
+def _scraped(server: TimerServer) -> Callable[[], None]:
+    """Serve ``server``'s metrics and scrape them from a thread until the returned stop()."""
+    url = server.serve_metrics().url
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.wait(0.1):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(url, timeout=5).read()
+
+    threading.Thread(target=scrape, daemon=True).start()
+    return done.set
+
+
 async def aiotimer_pipe(n: int, server: TimerServer | None = None) -> KillRun:
     """aiotimer's TimerServer in this loop (``server``, or a default one); workers over pipes."""
     decisions: list[float] = []
     pipe = asyncio.subprocess.PIPE
     async with _decisions_into(server or TimerServer(), decisions) as server:
+        stop_scraping = _scraped(server) if WITH_METRICS else (lambda: None)
         argv = python_worker_argv("aiotimer")
 
         async def spawn() -> object:
             return await server.spawn(*argv, stdin=pipe, stdout=pipe, env=worker_env())
 
         run = await _plain(n, spawn, floor=False)
+        stop_scraping()
     run.decision = decisions
     return run
 
