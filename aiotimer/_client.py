@@ -20,7 +20,7 @@ from ._protocol import (
     ENV_DUMP_SIGNAL,
     ENV_FD,
     dump_file_name,
-    encode_acquire_after,
+    encode_acquire_stamped,
     encode_hello,
     encode_release,
 )
@@ -154,17 +154,17 @@ class PipeClient(TimerClient):
 
     def acquire(self, scope: str, deadline: float) -> None:
         """Arm ``scope`` until ``deadline`` (``time.monotonic()`` seconds)."""
-        self.acquire_after(scope, max(0.0, deadline - time.monotonic()))
+        self._send(encode_acquire_stamped(_pid, scope, deadline, time.monotonic()))
 
     def acquire_after(self, scope: str, seconds: float) -> None:
         """Arm ``scope`` to expire ``seconds`` from now.
 
-        The server counts the seconds from when it reads the request: a
-        duration needs no clock shared with the server, so a worker in another
-        time namespace is timed right too (never early; late only by how long
-        the request waited in the pipe).
+        The request carries this process's clock reading: the server learns the
+        offset between the two clocks, so a worker in another time namespace is
+        timed right too (never early).
         """
-        self._send(encode_acquire_after(_pid, scope, seconds))
+        now = time.monotonic()
+        self._send(encode_acquire_stamped(_pid, scope, now + seconds, now))
 
     def release(self, scope: str) -> None:
         """Disarm ``scope``."""

@@ -170,7 +170,7 @@ class Dispatcher:
         now = self._clock.now()
         accepted = 0
         earliest = math.inf
-        for op, pid, scope, value, sig in requests:
+        for op, pid, scope, value, sig, sent in requests:
             process = by_pid.get(pid)
             # A HELLO is a process's first word: if an exited process's pid was
             # reused, it must not be mistaken for the exited one.
@@ -186,7 +186,17 @@ class Dispatcher:
                     self.reject(channel, admitted, "not_admitted")
                     continue
                 process = admitted
-            if op is Op.ACQUIRE_AFTER:
+            if op is Op.ACQUIRE_STAMPED:
+                if not process.clock_exact:
+                    # Every sample is the true offset plus the request's transit:
+                    # the smallest seen is the best, and never too small.
+                    offset = now - sent
+                    if offset < process.clock_offset:
+                        process.clock_offset = offset
+                deadline = value + process.clock_offset
+                if deadline < now:
+                    deadline = now
+            elif op is Op.ACQUIRE_AFTER:
                 deadline = now + value
             elif op is Op.RELEASE:
                 heap.remove(process.id, scope, channel=cid)

@@ -30,6 +30,7 @@ __all__ = [
     "environ_of",
     "holds_pipe",
     "live_processes",
+    "monotonic_offset",
     "inotify_names",
     "inotify_watch_dir",
     "open_pidfd",
@@ -152,6 +153,20 @@ def holds_pipe(pid: int, inode: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def monotonic_offset(pid: int | str = "self") -> float | None:
+    """The CLOCK_MONOTONIC offset of ``pid``'s time namespace, seconds; ``None`` if unreadable."""
+    try:
+        with open(f"/proc/{pid}/timens_offsets") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3 and fields[0] in ("monotonic", "1"):
+            return int(fields[1]) + int(fields[2]) / 1e9
+    return 0.0
 
 
 def environ_of(pid: int) -> dict[str, str]:

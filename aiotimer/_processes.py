@@ -14,6 +14,7 @@ armed, the channel it arrived on says whether its senders may name that pid
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import resource
 from collections.abc import Callable, Iterator
@@ -22,11 +23,15 @@ from typing import TYPE_CHECKING, Protocol
 from ._linux import (
     ProcessGone,
     descends_from,
+    monotonic_offset,
     open_pidfd,
     pidfd_alive,
     pidfd_signal,
     process_uid,
 )
+
+# Where this process's own time namespace puts CLOCK_MONOTONIC (0 in the initial one).
+_OWN_OFFSET = monotonic_offset()
 
 if TYPE_CHECKING:
     from ._workers import Worker
@@ -89,6 +94,8 @@ class WatchedProcess:
         "_loop",
         "_on_exit",
         "channels",
+        "clock_exact",
+        "clock_offset",
         "dump_signal",
         "exited",
         "id",
@@ -119,6 +126,14 @@ class WatchedProcess:
         self.dump_signal = 0
         #: ids of the channels it was admitted on
         self.channels: set[int] = set()
+        #: the server's monotonic clock minus this process's: read from the kernel
+        #: (``clock_exact``), or else the smallest ``receipt - sent`` seen (never too small)
+        self.clock_offset = math.inf
+        self.clock_exact = False
+        theirs = monotonic_offset(pid)
+        if theirs is not None and _OWN_OFFSET is not None:
+            self.clock_offset = _OWN_OFFSET - theirs
+            self.clock_exact = True
         #: exit status, for a child of the server whose status could be read
         self.returncode: int | None = None
         self._loop = loop

@@ -8,8 +8,13 @@ aiotimer frame (native byte order; both ends are on one host)::
 it.  A frame never exceeds ``PIPE_BUF`` so one ``write`` of it is atomic, even
 when a worker and its children share the pipe.  ``value`` is:
 
-- ``ACQUIRE_AFTER``: seconds from now (what pipe clients send: a duration needs
-  no shared clock, so a worker in another time namespace is timed right);
+- ``ACQUIRE_STAMPED``: a deadline on the client's monotonic clock; the payload
+  starts with the client's clock reading when it sent the frame (f64), then the
+  scope.  What pipe clients send: the server learns each process's clock
+  offset (the smallest ``receipt - sent`` it has seen, never below the true
+  offset), so a worker in another time namespace is timed right, and
+  deadlines that the workers of one job set together stay together;
+- ``ACQUIRE_AFTER``: seconds from receipt (for clients with no clock to share);
 - ``ACQUIRE``: a deadline on the server's own monotonic clock (in-process callers);
 - ``ACQUIRE_WALL``: a wall-clock deadline (torch's clients);
 - ``HELLO``: the signal number the client dumps its stacks on (0: none).
@@ -59,6 +64,7 @@ __all__ = [
     "dump_file_name",
     "encode_acquire",
     "encode_acquire_after",
+    "encode_acquire_stamped",
     "encode_frame",
     "encode_hello",
     "encode_json_request",
@@ -104,7 +110,8 @@ class Op(enum.IntEnum):
     ACQUIRE_WALL = 2  #: arm a timer; deadline on the wall clock (torch clients)
     RELEASE = 3  #: disarm a timer
     HELLO = 4  #: a (new) process announces itself and its stack-dump signal
-    ACQUIRE_AFTER = 5  #: arm a timer; ``value`` seconds from receipt (pipe clients)
+    ACQUIRE_AFTER = 5  #: arm a timer; ``value`` seconds from receipt
+    ACQUIRE_STAMPED = 6  #: arm a timer; deadline on the client's clock, sent at ``sent``
 
 
 _OPS = {op.value: op for op in Op}
@@ -132,6 +139,8 @@ class Request(NamedTuple):
     scope: str
     deadline: float
     signal: int = SIGNAL_DEFAULT
+    #: ``ACQUIRE_STAMPED``: the client's clock when it sent the request
+    sent: float = 0.0
 
 
 def valid_signal(number: int) -> bool:
@@ -151,6 +160,21 @@ def encode_frame(op: Op, pid: int, scope: str, value: float) -> bytes:
         )
     head = _HEAD.pack(MAGIC, op, HEADER_SIZE + len(raw), pid, value)
     return head + _CRC.pack(zlib.crc32(head)) + raw
+
+
+_SENT = struct.Struct("=d")
+
+
+def encode_acquire_stamped(pid: int, scope: str, deadline: float, sent: float) -> bytes:
+    """Encode an acquire until ``deadline`` on the client's clock, which read ``sent`` now."""
+    raw = scope.encode()
+    if len(raw) > SCOPE_MAX - _SENT.size:
+        raise ValueError(
+            f"`scope` must encode to at most {SCOPE_MAX - _SENT.size} UTF-8 bytes, "
+            f"got {len(raw)} bytes"
+        )
+    head = _HEAD.pack(MAGIC, Op.ACQUIRE_STAMPED, HEADER_SIZE + _SENT.size + len(raw), pid, deadline)
+    return head + _CRC.pack(zlib.crc32(head)) + _SENT.pack(sent) + raw
 
 
 def encode_acquire_after(pid: int, scope: str, seconds: float) -> bytes:
@@ -227,8 +251,17 @@ class FrameDecoder:
             if end - pos < length:
                 break
             kind = ops.get(op)
+            start = pos + HEADER_SIZE
+            sent = 0.0
+            if kind is Op.ACQUIRE_STAMPED:
+                if length < HEADER_SIZE + 8:
+                    pos += length
+                    errors.append(f"stamped acquire from pid {pid} is too short")
+                    continue
+                (sent,) = _SENT.unpack_from(buf, start)
+                start += 8
             try:
-                scope = buf[pos + HEADER_SIZE : pos + length].decode()
+                scope = buf[start : pos + length].decode()
             except UnicodeDecodeError:
                 scope = None
             pos += length
@@ -251,8 +284,10 @@ class FrameDecoder:
                 errors.append(f"deadline from pid {pid} must be finite, got {value}")
             elif kind is Op.ACQUIRE_AFTER and value < 0:
                 errors.append(f"seconds from pid {pid} must be >= 0, got {value}")
+            elif kind is Op.ACQUIRE_STAMPED and not math.isfinite(sent):
+                errors.append(f"send time from pid {pid} must be finite, got {sent}")
             else:
-                append(Request(kind, pid, scope, value))
+                append(Request(kind, pid, scope, value, SIGNAL_DEFAULT, sent))
         if skipped:
             errors.append(f"skipped {skipped} bytes that are not frames")
         self._buffer = buf[pos:] if pos < end else b""

@@ -14,7 +14,9 @@ import asyncio
 import enum
 import math
 import os
+import signal
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._clock import Clock, SystemClock
@@ -47,6 +49,102 @@ from .transports._pipe import PipeChannel
 __all__ = ["TimerServer"]
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """A ``TimerServer``'s arguments, checked."""
+
+    reaper: Reaper
+    incidents: IncidentReaper | None
+    clock: Clock
+    dump_signal: signal.Signals | None
+    attempts: int
+    timeout: float
+    caps: Caps
+    per_channel: int | None
+
+
+def _checked(
+    reaper: Reaper | None,
+    clock: Clock | None,
+    log_event: LogEvent | None,
+    dump_signal: int | str | None,
+    reap_attempts: int,
+    reap_timeout: float,
+    max_timers: int | None,
+    max_scope_chars: int | None,
+    max_per_channel: int | None,
+    incident_dir: str | os.PathLike[str] | None,
+    dump_timeout: float,
+) -> _Settings:
+    """Check the arguments (errors name the parameter and its value) and settle the defaults."""
+    if reaper is not None and not callable(reaper):
+        raise TypeError(f"`reaper` must be callable, got {reaper!r}")
+    if clock is not None and not isinstance(clock, Clock):
+        raise TypeError(f"`clock` must implement aiotimer.Clock, got {clock!r}")
+    if log_event is not None and not callable(log_event):
+        raise TypeError(f"`log_event` must be callable, got {log_event!r}")
+    reaper = SignalReaper() if reaper is None else reaper
+    if incident_dir is not None and not isinstance(reaper, IncidentReaper):
+        reaper = IncidentReaper(incident_dir, kill=reaper, dump_timeout=dump_timeout)
+    incidents = reaper if isinstance(reaper, IncidentReaper) else None
+    if dump_signal is None and (incidents is not None or getattr(reaper, "dump_stacks", False)):
+        # Clients register a stack dump only when something will ask for it.
+        dump_signal = getattr(reaper, "dump_signal", None)
+    return _Settings(
+        reaper=reaper,
+        incidents=incidents,
+        clock=SystemClock() if clock is None else clock,
+        dump_signal=None if dump_signal is None else check_signal("dump_signal", dump_signal),
+        attempts=check_count("reap_attempts", reap_attempts) or 1,
+        timeout=check_seconds("reap_timeout", reap_timeout),
+        caps=Caps(
+            check_count("max_timers_per_process", max_timers, optional=True),
+            check_count("max_scope_chars_per_process", max_scope_chars, optional=True),
+        ),
+        per_channel=check_count("max_processes_per_channel", max_per_channel, optional=True),
+    )
+
+
+class _Transports:
+    """The channels and listeners feeding a server: kept, told of exits, closed in order."""
+
+    def __init__(self) -> None:
+        self.channels: dict[int, Channel] = {}
+        self.listeners: list[Listener] = []
+
+    def add(self, channel: Channel) -> None:
+        """Keep ``channel`` (it is closed with the server)."""
+        self.channels[channel.id] = channel
+
+    def add_listener(self, listener: Listener) -> None:
+        """Keep ``listener`` (``aclose()``-d with the server, the last added first)."""
+        self.listeners.append(listener)
+        if isinstance(listener, Channel):
+            self.add(listener)
+
+    def forget(self, channel: Channel) -> None:
+        """``channel`` closed itself."""
+        self.channels.pop(channel.id, None)
+
+    def process_exited(self, process: WatchedProcess) -> None:
+        """Tell the channels ``process`` was admitted on that it exited."""
+        for cid in process.channels:
+            channel = self.channels.get(cid)
+            if channel is not None:
+                channel.process_exited(process.pid)
+
+    async def aclose(self) -> None:
+        """Close every listener, then every channel."""
+        for listener in reversed(self.listeners):
+            try:
+                await listener.aclose()
+            except Exception:
+                logger.exception("closing %r failed", listener)
+        for channel in list(self.channels.values()):
+            channel.close()
+        self.channels.clear()
+
+
 class _State(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
@@ -57,29 +155,19 @@ class _State(enum.Enum):
 class TimerServer:
     """Watches deadlines that workers arm and acts on a worker when one passes.
 
-    Embed it in a running loop with ``async with TimerServer() as server:`` (or
-    ``await server.start()`` ... ``await server.aclose()``), then
+    Embed it in a running loop with ``async with TimerServer() as server:``, then
     ``await server.spawn(...)`` workers.  One alarm is kept on the earliest
-    deadline; nothing polls.
-
-    ``reaper`` is called once per process with its expired timers (default:
-    ``SignalReaper()``, an immediate SIGKILL through a pidfd).  ``clock`` is the
-    time source (``aiotimer.testing.MockClock`` in tests).  ``log_event`` receives
-    torch's event names plus aiotimer's own.  ``dump_signal`` is the signal that
-    spawned workers register a stack dump on (default: the reaper's
-    ``dump_signal`` if it has one).  A reaper that raises is retried
-    ``reap_attempts`` times with exponential backoff; one whose follow-up runs
-    longer than ``reap_timeout`` seconds is cancelled and its process killed
-    with SIGKILL.
-
-    ``incident_dir``: on every expiry, first capture the hung process's stacks
-    (and its job's) into an incident there, then reap; the kill goes out at
-    most ``dump_timeout`` seconds after the deadline (see ``IncidentReaper``).
-
-    Caps, so that no client can exhaust the server: ``max_timers_per_process``
-    live timers and ``max_scope_chars_per_process`` characters of their scopes
-    per process, ``max_processes_per_channel`` processes admitted per channel
-    (``None``: no cap).  A request over a cap is rejected with its reason.
+    deadline; nothing polls.  ``reaper``: called once per process with its
+    expired timers (default ``SignalReaper()``: SIGKILL through a pidfd); a reaper
+    that raises is retried ``reap_attempts`` times, one that runs past
+    ``reap_timeout`` seconds is cancelled and its process SIGKILLed.  ``clock``:
+    the time source (``MockClock`` in tests).  ``log_event``: torch's event hook.
+    ``dump_signal``: the signal spawned workers register a stack dump on.
+    ``incident_dir``/``dump_timeout``: explain every expiry first (see
+    ``IncidentReaper``).  Caps, so no client can exhaust the server (``None``: no
+    cap; over a cap, a request is rejected with its reason):
+    ``max_timers_per_process``, ``max_scope_chars_per_process``,
+    ``max_processes_per_channel``.
     """
 
     def __init__(
@@ -97,71 +185,50 @@ class TimerServer:
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
     ) -> None:
-        if reaper is not None and not callable(reaper):
-            raise TypeError(f"`reaper` must be callable, got {reaper!r}")
-        if clock is not None and not isinstance(clock, Clock):
-            raise TypeError(f"`clock` must implement aiotimer.Clock, got {clock!r}")
-        if log_event is not None and not callable(log_event):
-            raise TypeError(f"`log_event` must be callable, got {log_event!r}")
-        attempts = check_count("reap_attempts", reap_attempts) or 1
-        caps = Caps(
-            check_count("max_timers_per_process", max_timers_per_process, optional=True),
-            check_count("max_scope_chars_per_process", max_scope_chars_per_process, optional=True),
+        settings = _checked(
+            reaper,
+            clock,
+            log_event,
+            dump_signal,
+            reap_attempts,
+            reap_timeout,
+            max_timers_per_process,
+            max_scope_chars_per_process,
+            max_processes_per_channel,
+            incident_dir,
+            dump_timeout,
         )
-        per_channel = check_count(
-            "max_processes_per_channel", max_processes_per_channel, optional=True
-        )
-        timeout = check_seconds("reap_timeout", reap_timeout)
-        reaper = SignalReaper() if reaper is None else reaper
-        if incident_dir is not None and not isinstance(reaper, IncidentReaper):
-            reaper = IncidentReaper(incident_dir, kill=reaper, dump_timeout=dump_timeout)
-        self._incidents = reaper if isinstance(reaper, IncidentReaper) else None
+        self._clock = settings.clock
+        self.dump_signal = settings.dump_signal
+        self._incidents = settings.incidents
         if self._incidents is not None:
             self._incidents.attach(related=self._related_pids, on_incident=self._incident)
-        self._clock: Clock = SystemClock() if clock is None else clock
-        if dump_signal is None:
-            wanted = getattr(reaper, "dump_signal", None)
-            asks = self._incidents is not None or getattr(reaper, "dump_stacks", False)
-            dump_signal = wanted if asks else None
-        self.dump_signal = None if dump_signal is None else check_signal("dump_signal", dump_signal)
-
+        reaper = settings.reaper
         self._counters = counters = Counters()
         #: every event, typed; ``subscribe`` to it (``log_event`` is one subscriber)
         self.events = EventBus()
         if log_event is not None:
             self.events.subscribe_log_event(log_event)
         self._heap = heap = DeadlineHeap()
-        self._registry = ProcessRegistry(self._process_exited, max_per_channel=per_channel)
-        self._killer = Killer(
-            heap,
-            self._registry,
-            self._clock,
-            counters,
-            self.events,
-            reaper=reaper,
-            attempts=attempts,
-            timeout=timeout,
+        registry = self._registry = ProcessRegistry(
+            self._process_exited, max_per_channel=settings.per_channel
         )
-        killer = self._killer
+        killer = self._killer = Killer(
+            heap, registry, self._clock, counters, self.events,
+            reaper=reaper, attempts=settings.attempts, timeout=settings.timeout,
+        )  # fmt: skip
         self._scheduler = Scheduler(
             self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up
         )
-        self._channels: dict[int, Channel] = {}
+        self._transports = _Transports()
         self._dispatcher = Dispatcher(
-            heap,
-            self._registry,
-            self._scheduler,
-            self._clock,
-            counters,
-            self.events,
-            caps=caps,
-            on_channel_closed=self._forget_channel,
-        )
+            heap, registry, self._scheduler, self._clock, counters, self.events,
+            caps=settings.caps, on_channel_closed=self._transports.forget,
+        )  # fmt: skip
         self._state = _State.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed: asyncio.Event | None = None
         self._workers = WorkerSet(self.events)
-        self._listeners: list[Listener] = []
 
     def __repr__(self) -> str:
         return (
@@ -225,14 +292,7 @@ class TimerServer:
         await self._killer.aclose(
             self._incidents.dump_timeout + 4.0 if self._incidents is not None else 0.0
         )
-        for listener in reversed(self._listeners):
-            try:
-                await listener.aclose()
-            except Exception:
-                logger.exception("closing %r failed", listener)
-        for channel in list(self._channels.values()):
-            channel.close()
-        self._channels.clear()
+        await self._transports.aclose()
         await self._workers.kill_all()
         self._registry.close()
         if self._incidents is not None:
@@ -262,9 +322,7 @@ class TimerServer:
 
     def add_listener(self, listener: Listener) -> None:
         """Register a transport listener to be ``aclose()``-d with the server."""
-        self._listeners.append(listener)
-        if isinstance(listener, Channel):
-            self._channels[listener.id] = listener
+        self._transports.add_listener(listener)
 
     def local_channel(
         self,
@@ -315,7 +373,7 @@ class TimerServer:
         worker = Worker(process, reaper=reaper, process_group=process_group)
         self._workers.add(worker)
         channel = PipeChannel(self._dispatcher, worker, read_fd, loop)
-        self._channels[channel.id] = channel
+        self._transports.add(channel)
         try:
             watched = self._registry.watch(process.pid, worker=worker)
         except ProcessGone:
@@ -338,16 +396,10 @@ class TimerServer:
             IncidentRecorded(incident.pid, path, incident.summary(), incident.worker_pid)
         )
 
-    def _forget_channel(self, channel: Channel) -> None:
-        self._channels.pop(channel.id, None)
-
     def _process_exited(self, process: WatchedProcess) -> None:
         """The registry saw ``process`` exit: drop its timers, and its worker if it was one."""
         cleared = self._heap.remove_owner(process.id)
-        for cid in process.channels:
-            channel = self._channels.get(cid)
-            if channel is not None:
-                channel.process_exited(process.pid)
+        self._transports.process_exited(process)
         worker = process.worker
         if worker is not None and worker.pid == process.pid:
             self._workers.exited(worker, process.returncode, len(cleared))
@@ -372,13 +424,7 @@ class TimerServer:
         workers: Callable[[], Mapping[str, int]] | None = None,
         restarts: Callable[[], int] | None = None,
     ) -> MetricsServer:
-        """Serve Prometheus metrics and ``/healthz`` on ``host:port`` (0: a free port).
-
-        Needs ``prometheus_client`` (``pip install 'aiotimer[metrics]'``).  Read at
-        scrape time, from a thread: nothing is added to the kill path.  Closed
-        with the server.  ``workers()`` and ``restarts()`` let a launcher report
-        its workers by state and its restarts (default: running spawned workers).
-        """
+        """Serve Prometheus metrics and ``/healthz`` on ``host:port``; see ``MetricsServer``."""
         metrics = MetricsServer(
             lambda: (self._counters, len(self._heap), len(self._registry)),
             self.running_loop(),

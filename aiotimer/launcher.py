@@ -240,6 +240,43 @@ class _Relay:
                 log.close()
 
 
+def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
+    """The line the launcher prints for ``event`` (``None``: not one it prints).
+
+    ``rank_of(worker_pid)`` names the rank a process belongs to.
+    """
+
+    def who(pid: int | None, worker_pid: int | None) -> str:
+        rank = rank_of(worker_pid) if worker_pid is not None else None
+        if rank is None:
+            return f"pid {pid}"
+        if pid == worker_pid:
+            return f"rank {rank} (pid {pid})"
+        return f"rank {rank}'s descendant pid {pid}"
+
+    if isinstance(event, TimerExpired):
+        return (
+            f"{who(event.pid, event.worker_pid)}: timer {event.scope!r} expired "
+            f"({event.lag * 1e3:.2f} ms after its deadline)"
+        )
+    if isinstance(event, KillWorkerProcess):
+        return (
+            f"sent {_signal_name(event.signal)} to {who(event.pid, event.worker_pid)} "
+            f"({event.latency * 1e3:.2f} ms after the deadline)"
+        )
+    if isinstance(event, SignalSent):
+        return (
+            f"{who(event.pid, event.worker_pid)} still running {event.latency:.1f}s after the "
+            f"deadline: sent {_signal_name(event.signal)}"
+        )
+    if isinstance(event, RequestRejected):
+        return f"rejected a request on {event.channel}: {event.reason}"
+    if isinstance(event, IncidentRecorded):
+        where = f"; incident: {Path(event.path).with_suffix('.txt')}" if event.path else ""
+        return f"{event.summary}{where}"
+    return None
+
+
 @dataclass
 class _Rank:
     """One rank in one attempt."""
@@ -320,40 +357,17 @@ class Job:
 
     # -- events ------------------------------------------------------------
 
-    def _who(self, pid: int | None, worker_pid: int | None) -> str:
-        rank = self._live.get(worker_pid) if worker_pid is not None else None
-        if rank is None:
-            return f"pid {pid}"
-        if pid == worker_pid:
-            return f"rank {rank.result.rank} (pid {pid})"
-        return f"rank {rank.result.rank}'s descendant pid {pid}"
-
     def _on_event(self, event: Event) -> None:
-        if isinstance(event, TimerExpired):
-            rank = self._live.get(event.worker_pid) if event.worker_pid is not None else None
-            if rank is not None and event.pid == event.worker_pid:
+        if isinstance(event, TimerExpired) and event.pid == event.worker_pid:
+            rank = self._live.get(event.pid) if event.pid is not None else None
+            if rank is not None:
                 rank.expired_scopes.append(event.scope)
-            self.output.say(
-                f"{self._who(event.pid, event.worker_pid)}: timer {event.scope!r} expired "
-                f"({event.lag * 1e3:.2f} ms after its deadline)"
-            )
-        elif isinstance(event, KillWorkerProcess):
-            self.output.say(
-                f"sent {_signal_name(event.signal)} to {self._who(event.pid, event.worker_pid)} "
-                f"({event.latency * 1e3:.2f} ms after the deadline)"
-            )
-        elif isinstance(event, SignalSent):
-            self.output.say(
-                f"{self._who(event.pid, event.worker_pid)} still running "
-                f"{event.latency:.1f}s after the deadline: sent {_signal_name(event.signal)}"
-            )
-        elif isinstance(event, RequestRejected):
-            self.output.say(f"rejected a request on {event.channel}: {event.reason}")
         elif isinstance(event, IncidentRecorded):
-            where = f"; incident: {Path(event.path).with_suffix('.txt')}" if event.path else ""
-            self.output.say(f"{event.summary}{where}")
             self._incidents.add(event.worker_pid)
             self._incident_recorded.set()
+        line = describe(event, self._rank_of)
+        if line:
+            self.output.say(line)
 
     # -- ranks ---------------------------------------------------------------
 

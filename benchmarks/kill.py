@@ -14,13 +14,12 @@ servers and aiotimer's FIFO listener serve torch's own clients in these).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -123,17 +122,21 @@ WITH_METRICS = False
 
 
 def _scraped(server: TimerServer) -> Callable[[], None]:
-    """Serve ``server``'s metrics and scrape them from a thread until the returned stop()."""
+    """Serve ``server``'s metrics, scraped every 100 ms by another process, until stop()."""
     url = server.serve_metrics().url
-    done = threading.Event()
+    code = (
+        "import sys, time, urllib.request\n"
+        "while True:\n"
+        "    urllib.request.urlopen(sys.argv[1], timeout=5).read()\n"
+        "    time.sleep(0.1)\n"
+    )
+    scraper = subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.DEVNULL)
 
-    def scrape() -> None:
-        while not done.wait(0.1):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(url, timeout=5).read()
+    def stop() -> None:
+        scraper.kill()
+        scraper.wait()
 
-    threading.Thread(target=scrape, daemon=True).start()
-    return done.set
+    return stop
 
 
 async def aiotimer_pipe(n: int, server: TimerServer | None = None) -> KillRun:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ class FakeProcess:
     alive: bool = True
     dump_signal: int = 0
     channels: set[int] = field(default_factory=set)
+    clock_offset: float = math.inf
+    clock_exact: bool = False
 
     def gone(self) -> bool:
         self.exited = self.exited or not self.alive
@@ -179,3 +182,29 @@ async def test_revalidating_channels_recheck_a_known_pid_on_every_request(rig: R
     new = rig.registry.by_pid[10]
     assert new is not old
     assert [t.scope for t in rig.heap.timers_of(new.id)] == ["t"]
+
+
+async def test_stamped_deadlines_learn_the_clock_offset_and_are_never_early(rig: Rig) -> None:
+    ch = FakeChannel("pipe")
+    now = rig.clock.now()  # 100.0 on the server's clock; this client's clock reads 40 less
+    # Sent at client time 60.0 (server 100.0), read 0.5 s later: an offset sample of 40.5.
+    rig.clock.jump(0.5)
+    rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_STAMPED, 10, "a", 61.0, 0, 60.0)])
+    # Another sent at client 60.5 and read at once: a better sample, 40.0.
+    rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_STAMPED, 10, "b", 62.0, 0, 60.5)])
+    owner = rig.registry.by_pid[10].id
+    deadlines = {t.scope: t.deadline for t in rig.heap.timers_of(owner)}
+    assert deadlines["a"] == pytest.approx(61.0 + 40.5)  # late by the transit, never early
+    assert deadlines["b"] == pytest.approx(62.0 + 40.0)
+    assert rig.registry.by_pid[10].clock_offset == pytest.approx(40.0)
+    assert now + 1.0 < deadlines["a"]
+
+
+async def test_a_kernel_read_offset_is_used_as_it_is(rig: Rig) -> None:
+    ch = FakeChannel("pipe")
+    rig.dispatcher.dispatch(ch, [Request(Op.HELLO, 11, "", 0.0)])
+    process = rig.registry.by_pid[11]
+    process.clock_offset, process.clock_exact = 100.0, True  # a time namespace at -100 s
+    rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_STAMPED, 11, "s", 5.0, 0, 2.0)])
+    (timer,) = rig.heap.timers_of(process.id)
+    assert timer.deadline == 105.0

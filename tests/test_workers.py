@@ -228,7 +228,7 @@ async def test_client_raises_broken_pipe_when_the_server_is_gone() -> None:
         worker = await server.spawn(
             *py(code), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
-        for channel in list(server._channels.values()):
+        for channel in list(server._transports.channels.values()):
             channel.close()
         assert worker.stdin is not None and worker.stdout is not None
         worker.stdin.write(b"go\n")
