@@ -459,7 +459,7 @@ def bench_hardening(
                 continue
             for loop_name, factory in loops.items():
                 progress(f"load: {flooders} flooders over the {name}, on {loop_name}")
-                out = run_on(factory, measure(flooders, bystanders))
+                out = run_on(factory, asyncio.wait_for(measure(flooders, bystanders), 600))
                 rows.append(
                     {
                         "scenario": "load",
@@ -507,7 +507,7 @@ def bench_hardening(
             size = garbage_bytes if name == "pipe" else garbage_bytes // 2
             for loop_name, factory in loops.items():
                 progress(f"garbage: {size:,} bytes on the {name}, on {loop_name}")
-                out = run_on(factory, measure(size, reps))
+                out = run_on(factory, asyncio.wait_for(measure(size, reps), 600))
                 rows.append(
                     {
                         "scenario": "garbage",
@@ -551,7 +551,7 @@ def bench_hardening(
         for workers, each in bursts:
             for loop_name, factory in loops.items():
                 progress(f"burst: {workers} x {each:,} timers due at once, on {loop_name}")
-                out = run_on(factory, hardening.burst(workers, each))
+                out = run_on(factory, asyncio.wait_for(hardening.burst(workers, each), 600))
                 first = min(out.decisions) if out.decisions else math.nan
                 rows.append(
                     {

@@ -36,6 +36,8 @@ from torch.distributed.elastic.timer import (
     LocalTimerServer,
 )
 
+from aiotimer._linux import die_with_parent
+
 MODE = sys.argv[1]
 FIFO = sys.argv[2] if len(sys.argv) > 2 else ""
 MAX_INTERVAL = float(sys.argv[3]) if len(sys.argv) > 3 else 0.01
@@ -96,9 +98,11 @@ def client() -> Any:
 
 def fork(body: Any) -> tuple[int, int]:
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        die_with_parent(parent)  # a worker never outlives its host (and holds no FIFO open)
         try:
             body(w)
         finally:
