@@ -35,6 +35,7 @@ asking for a signal that does not exist is rejected with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import math
@@ -366,6 +367,25 @@ def _rejected(line: bytes, exc: ProtocolError) -> str:
     return f"{exc}: {line[:200]!r}"
 
 
+#: How every torch request line begins (``json.dumps`` of a dict whose first key
+#: is "version").  Inside a JSON string a quote is escaped, so a valid request
+#: holds this once, at its start.
+_REQUEST_START = b'{"version"'
+
+
+def glued_request(line: bytes) -> bytes:
+    """The request at the end of ``line``, or ``b""``: what to salvage from a bad line.
+
+    A FIFO is one byte stream for all writers.  A client writes each request
+    whole (one write of at most ``PIPE_BUF`` bytes is atomic), but junk, or a
+    writer that died mid-line, leaves a partial line that the next client's
+    request is glued to.  Rejecting the whole line would lose that request: a
+    hang unkilled, or a false kill if it was a release.
+    """
+    start = line.rfind(_REQUEST_START)
+    return line[start:] if start >= 0 else b""
+
+
 def decode_json_lines(lines: Sequence[bytes]) -> tuple[list[Request], list[str]]:
     """Decode many non-empty lines; return ``(requests, errors)``, each bad line rejected alone.
 
@@ -389,6 +409,10 @@ def decode_json_lines(lines: Sequence[bytes]) -> tuple[list[Request], list[str]]
                 requests.append(decode_json_line(line))
             except ProtocolError as exc:
                 errors.append(_rejected(line, exc))
+                glued = glued_request(line)
+                if 0 < len(glued) < len(line):
+                    with contextlib.suppress(ProtocolError):
+                        requests.append(decode_json_line(glued))
         return requests, errors
     for line, value in zip(lines, values, strict=True):
         try:

@@ -216,3 +216,18 @@ def test_many_json_lines_decode_in_one_pass_and_a_bad_one_is_rejected_alone() ->
     requests, errors = decode_json_lines(mixed)
     assert [r.pid for r in requests] == list(range(40, 60))
     assert len(errors) == 3
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b'{"not": ', b"\x00\xff junk", b'{"version": 1, "pid": 7', b'{"version"{"version"'],
+)
+def test_a_request_glued_to_a_partial_line_is_kept_and_the_junk_rejected(prefix: bytes) -> None:
+    # A FIFO is one stream for all writers: junk (or a writer that died mid-line)
+    # leaves a partial line, and the next client's whole request is glued to it.
+    request = encode_json_request(42, "s", 1.7e9, 9).strip()
+    requests, errors = decode_json_lines([prefix + request])
+    assert requests == [Request(Op.ACQUIRE_WALL, 42, "s", 1.7e9, 9)]
+    assert len(errors) == 1
+    requests, errors = decode_json_lines([prefix, b"junk only"])
+    assert requests == [] and len(errors) == 2

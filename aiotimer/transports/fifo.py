@@ -34,7 +34,7 @@ from pathlib import Path
 from .._events import logger
 from .._linux import inotify_names, inotify_watch_dir
 from .._processes import foreign_descendant_of
-from .._protocol import JSON_LINE_MAX, Request, decode_json_lines
+from .._protocol import JSON_LINE_MAX, Request, decode_json_lines, glued_request
 from ._base import Channel, Host, RequestSink
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
@@ -211,9 +211,10 @@ class FifoListener(Channel):
         lines[0] = self._partial + lines[0]
         self._partial = lines.pop()
         if self._discarding and lines:
-            # The tail of a line already rejected as oversize.
+            # The tail of a line already rejected as oversize; a request glued
+            # to its end is still a request.
             self._discarding = False
-            lines.pop(0)
+            lines[0] = glued_request(lines[0])
         requests, errors = decode_json_lines([line for line in lines if line.strip()])
         if len(self._partial) > JSON_LINE_MAX:
             if not self._discarding:

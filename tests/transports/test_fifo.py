@@ -62,6 +62,29 @@ async def test_lines_are_reassembled_bad_ones_rejected_and_the_rest_kept(
     assert not fifo.exists()
 
 
+async def test_a_request_after_a_partial_junk_line_is_not_lost(
+    tmp_path: Path,
+    mock_clock: MockClock,
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+) -> None:
+    # Junk that does not end its line (short, or longer than a request line may
+    # be) must not swallow the next client's request: its hang would go unkilled.
+    pid = sleeper().pid
+    fifo = tmp_path / "f"
+    reaper = RecordingReaper()
+    async with TimerServer(clock=mock_clock, reaper=reaper) as server:
+        await listen_fifo(server, fifo)
+        wall = mock_clock.wall()
+        write(fifo, b'{"not": ')
+        write(fifo, encode_json_request(pid, "a", wall + 5, 9))
+        write(fifo, b"x" * 9000)
+        write(fifo, encode_json_request(pid, "b", wall + 6, 9))
+        await until(lambda: server.statistics().requests == 2)
+        assert server.statistics().rejected == 2
+        await mock_clock.advance(6.0)
+        assert sorted(s for scopes in reaper.scopes for s in scopes) == ["a", "b"]
+
+
 async def test_the_server_itself_and_foreign_pids_are_refused(
     tmp_path: Path, mock_clock: MockClock
 ) -> None:
