@@ -130,12 +130,17 @@ class Expiry:
 
     def send_signal(self, sig: int, *, group: bool = False) -> bool:
         """Send ``sig`` (to the process group with ``group``); ``False`` if it has exited."""
+        # The time is read before the syscall: on a busy machine the kernel
+        # often switches the server out inside it, once the signal is queued
+        # and the target woken (a torch worker's many threads each wake), and
+        # the server's wait for its next turn is not the signal's lateness.
+        at = self._clock.now()
         try:
             self._process.send_signal(sig, group=group)
         except ProcessGone:
             return False
         self.signals_sent.append(sig)
-        self.signal_times.append(self._clock.now())
+        self.signal_times.append(at)
         self._on_signal(self, sig)
         return True
 

@@ -423,7 +423,7 @@ class Killer:
     # -- kills -----------------------------------------------------------------
 
     def _signalled(self, expiry: Expiry, sig: int) -> None:
-        at = self._clock.now()
+        at = expiry.signal_times[-1]
         if len(expiry.signals_sent) != 1:  # an escalation: reported as it happens
             self._counters.record_signal(_signal_name(sig))
             logger.warning(

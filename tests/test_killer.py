@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from aiotimer import DeadlineHeap, Expiry, SignalReaper
+from aiotimer import DeadlineHeap, Expiry, KillWorkerProcess, SignalReaper
 from aiotimer._events import Counters, Event, EventBus
 from aiotimer._expiry import Reaper
 from aiotimer._killer import CHUNK, Killer, backoff
@@ -57,7 +57,10 @@ async def rig_factory() -> AsyncIterator[Callable[[Reaper], Rig]]:
         bus = EventBus()
         seen: list[Event] = []
         bus.subscribe(seen.append)
-        registry = ProcessRegistry(lambda p: heap.remove_owner(p.id))
+        def forget(process: WatchedProcess) -> None:
+            heap.remove_owner(process.id)
+
+        registry = ProcessRegistry(forget)
         registry.bind(asyncio.get_running_loop())
         killer = Killer(heap, registry, clock, counters, bus, reaper=reaper, attempts=attempts)
         killer.bind(asyncio.get_running_loop())
@@ -192,6 +195,30 @@ async def test_the_signal_a_client_asked_for(
         assert reaper.expiries == [] and rig.counters.expiries == len(signals)
     else:
         assert [e.requested_signal for e in reaper.expiries] == [expected]
+
+
+async def test_a_signal_is_timed_when_sent_not_when_the_server_gets_the_cpu_back(
+    rig_factory: Callable[..., Rig],
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a busy machine the server is often switched out inside the signal
+    # syscall, after the signal is queued: that wait is not the kill's lateness.
+    rig = rig_factory(SignalReaper())
+    victim = sleeper()
+    p = rig.watch(victim.pid)
+    send = WatchedProcess.send_signal
+
+    def switched_out(self: WatchedProcess, sig: int, *, group: bool = False) -> None:
+        send(self, sig, group=group)
+        rig.clock.jump(0.030)
+
+    monkeypatch.setattr(WatchedProcess, "send_signal", switched_out)
+    rig.arm(p, "s", 1.0)
+    await rig.expire_at(1.0005)
+    (kill,) = [e for e in rig.events if isinstance(e, KillWorkerProcess)]
+    assert kill.latency == pytest.approx(0.0005)
+    assert await asyncio.to_thread(victim.wait, WAIT) == -signal.SIGKILL
 
 
 @pytest.fixture
