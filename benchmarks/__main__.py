@@ -469,6 +469,7 @@ def bench_hardening(
                         "decision_ms": summarize_ms(out.decisions).as_dict(),
                         "flood_pairs_per_s": out.pairs_per_s,
                         "missed": out.missed,
+                        "other_kills": out.others,
                     }
                 )
                 table.append(
@@ -482,6 +483,7 @@ def bench_hardening(
                         _ms(out.decisions, "max"),
                         fmt(out.pairs_per_s, 0),
                         str(out.missed),
+                        str(out.others),
                     ]
                 )
         report.table(
@@ -496,6 +498,7 @@ def bench_hardening(
                 "max",
                 "flood pairs/s",
                 "missed",
+                "other kills",
             ],
             table,
         )

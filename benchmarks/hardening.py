@@ -48,6 +48,19 @@ class Outcome:
     server_cpu_s: float = float("nan")
     loop_blocked: float = float("nan")  # deadline -> the loop answers a knock made at +5 ms
     missed: int = 0
+    others: int = 0  # kills of processes that were not meant to hang (or a second kill)
+    kills: list[tuple[int, float]] = field(default_factory=list)  # (pid, decision seconds)
+
+    def tally(self, hung: list[int]) -> None:
+        """Split ``kills`` into the hung processes' decisions, the missed and the others."""
+        first: dict[int, float] = {}
+        for pid, latency in self.kills:
+            if pid in first or pid not in hung:
+                self.others += 1
+            else:
+                first[pid] = latency
+        self.decisions = list(first.values())
+        self.missed = len(set(hung) - first.keys())
 
 
 def _cpu() -> float:
@@ -64,10 +77,11 @@ class _Counting(logging.Handler):
         self.records += 1
 
 
-def _decisions(server: TimerServer, into: list[float]) -> None:
+def _decisions(server: TimerServer, into: list[float], kills: list[tuple[int, float]]) -> None:
     def on_event(event: Event) -> None:
         if isinstance(event, KillWorkerProcess):
             into.append(event.latency)
+            kills.append((event.pid, event.latency))
 
     server.events.subscribe(on_event)
 
@@ -80,28 +94,29 @@ async def _spawn(server: TimerServer, *mode: str) -> Worker:
     return worker
 
 
-async def _pipe_bystander(server: TimerServer) -> bool:
-    """One worker arms a deadline ``LEAD`` ahead and hangs; whether it was killed."""
+async def _pipe_bystander(server: TimerServer) -> int:
+    """One worker arms a deadline ``LEAD`` ahead and hangs; its pid (once it is gone)."""
     worker = await _spawn(server, "aiotimer")
     assert worker.stdin is not None
     worker.stdin.write(f"{time.monotonic() + LEAD!r}\n".encode())
     await expect_line(worker.stdout, b"armed")
     try:
-        return await asyncio.wait_for(worker.wait(), LEAD + 10) == -signal.SIGKILL
+        await asyncio.wait_for(worker.wait(), LEAD + 10)
     except TimeoutError:
         worker.kill()
         await worker.wait()
-        return False
+    return worker.pid
 
 
-async def _torch_bystander(host: asyncio.subprocess.Process) -> None:
-    """A torch-client worker of ``host`` arms a deadline ``LEAD`` ahead and hangs."""
+async def _torch_bystander(host: asyncio.subprocess.Process) -> int:
+    """A torch-client worker of ``host`` arms a deadline ``LEAD`` ahead and hangs; its pid."""
     assert host.stdin is not None and host.stdout is not None
     host.stdin.write(b"kill 1\n")
-    await host.stdout.readline()  # its pid
+    pid = int(await host.stdout.readline())
     host.stdin.write(f"{time.monotonic() + LEAD!r}\n".encode())
     await expect_line(host.stdout, b"armed")
     await asyncio.sleep(LEAD + 0.2)
+    return pid
 
 
 async def _quit(host: asyncio.subprocess.Process) -> None:
@@ -119,7 +134,7 @@ async def load_pipe(flooders: int, bystanders: int) -> Outcome:
     out = Outcome()
     seconds = 2.0 + bystanders * (LEAD + 0.6)
     async with TimerServer() as server:
-        _decisions(server, out.decisions)
+        _decisions(server, out.decisions, out.kills)
         floods = [
             await server.spawn(
                 *python_worker_argv("pump", repr(seconds)),
@@ -136,8 +151,7 @@ async def load_pipe(flooders: int, bystanders: int) -> Outcome:
             f.stdin.write(b"go\n")
         t0, base = time.monotonic(), server.statistics().requests
         await asyncio.sleep(1.0)
-        for _ in range(bystanders):
-            out.missed += not await _pipe_bystander(server)
+        hung = [await _pipe_bystander(server) for _ in range(bystanders)]
         elapsed = time.monotonic() - t0
         done = server.statistics().requests - base
         for f in floods:
@@ -145,6 +159,7 @@ async def load_pipe(flooders: int, bystanders: int) -> Outcome:
             await asyncio.wait_for(f.stdout.readline(), seconds + 60)
             await f.wait()
     out.pairs_per_s = done / 2 / elapsed
+    out.tally(hung)
     return out
 
 
@@ -155,7 +170,7 @@ async def load_fifo(flooders: int, bystanders: int) -> Outcome:
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "timer.fifo")
         async with TimerServer() as server:
-            _decisions(server, out.decisions)
+            _decisions(server, out.decisions, out.kills)
             await listen_fifo(server, fifo)
             flood = await start_torch_host("client-file", fifo)
             hung = await start_torch_host("client-file", fifo)
@@ -163,15 +178,14 @@ async def load_fifo(flooders: int, bystanders: int) -> Outcome:
             flood.stdin.write(f"pump {flooders} {seconds!r}\n".encode())
             t0, base = time.monotonic(), server.statistics().requests
             await asyncio.sleep(1.0)
-            for _ in range(bystanders):
-                await _torch_bystander(hung)
+            hung_pids = [await _torch_bystander(hung) for _ in range(bystanders)]
             elapsed = time.monotonic() - t0
             done = server.statistics().requests - base
             await asyncio.wait_for(flood.stdout.readline(), seconds + 60)
             await _quit(flood)
             await _quit(hung)
     out.pairs_per_s = done / 2 / elapsed
-    out.missed = bystanders - len(out.decisions)
+    out.tally(hung_pids)
     return out
 
 
@@ -186,7 +200,7 @@ async def garbage_pipe(size: int, reps: int) -> Outcome:
     log.addHandler(counting)
     try:
         async with TimerServer() as server:
-            _decisions(server, out.decisions)
+            _decisions(server, out.decisions, out.kills)
             cpu0 = _cpu()
             for _ in range(reps):
                 polluter = await _spawn(server, "garbage", str(size))
@@ -226,7 +240,7 @@ async def garbage_fifo(size: int, reps: int) -> Outcome:
         with tempfile.TemporaryDirectory() as tmp:
             fifo = os.path.join(tmp, "timer.fifo")
             async with TimerServer() as server:
-                _decisions(server, out.decisions)
+                _decisions(server, out.decisions, out.kills)
                 await listen_fifo(server, fifo)
                 hung = await start_torch_host("client-file", fifo)
                 assert hung.stdin is not None and hung.stdout is not None
@@ -260,7 +274,7 @@ async def burst(workers: int, timers_each: int) -> Outcome:
     out = Outcome()
     lead = 2.0 + workers * timers_each / 100_000
     async with TimerServer(max_timers_per_process=None, max_scope_chars_per_process=None) as server:
-        _decisions(server, out.decisions)
+        _decisions(server, out.decisions, out.kills)
         procs = [await _spawn(server, "burst", str(timers_each)) for _ in range(workers)]
         deadline = time.monotonic() + lead
         for p in procs:

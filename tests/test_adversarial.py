@@ -561,6 +561,8 @@ async def test_soak_random_crashes_and_hangs() -> None:
         workers = [await server.spawn(*py(code), str(i), fate) for i, fate in enumerate(fates)]
         codes = await asyncio.gather(*(exit_of(w) for w in workers))
         await until(lambda: server.statistics().active_timers == 0)
+        # Every exited process is forgotten: nothing per process is kept.
+        await until(lambda: server.statistics().watched_processes == 0)
         stats = server.statistics()
     expected = {"ok": 0, "crash": 3, "hang": -signal.SIGKILL}
     assert codes == [expected[f] for f in fates]
