@@ -57,6 +57,7 @@ async def rig_factory() -> AsyncIterator[Callable[[Reaper], Rig]]:
         bus = EventBus()
         seen: list[Event] = []
         bus.subscribe(seen.append)
+
         def forget(process: WatchedProcess) -> None:
             heap.remove_owner(process.id)
 
