@@ -19,8 +19,10 @@ __all__ = ["PipeChannel"]
 # A read's worth of frames is decoded in one callback: at most about 200
 # requests, a fraction of a millisecond, so one busy worker cannot hold back
 # another's kill for longer (the dispatcher lets a passed deadline go first
-# after each batch).  Smaller reads cost no throughput: measured in the
-# benchmarks' "load" scenario (16 flooders: the same pairs/s at 4 and 16 KiB).
+# after each batch).  Measured (16 workers flooding, 2 cores): 4 KiB reads
+# give about 170k pairs/s and a bystander's kill within ~1 ms; 64 KiB reads
+# (decoded 4 KiB at a time) 200k pairs/s, but the drained flooders then take
+# more of the CPU and a bystander's kill was up to 4 ms late.
 _READ_SIZE = 4 * 1024
 
 

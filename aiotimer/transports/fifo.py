@@ -60,13 +60,6 @@ def check_fifo_path(path: str | os.PathLike[str], name: str = "file_path") -> bo
     return True
 
 
-def _pipe_max_size() -> int:
-    try:
-        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
-    except (OSError, ValueError):
-        return 1024 * 1024
-
-
 class FifoListener(Channel):
     """Serves torch ``FileTimerClient`` requests arriving on the FIFO at ``path``.
 
@@ -133,8 +126,11 @@ class FifoListener(Channel):
         except BaseException:
             os.close(read_fd)
             raise
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, _pipe_max_size())
+        # The FIFO keeps the kernel's default size (64 KiB, as torch's): a
+        # bigger one only queues what the server cannot process yet, and a
+        # release could wait there past its deadline (at 1 MiB, ~0.4 s behind
+        # 16 flooding clients on 2 cores), while those clients, which raise
+        # when it is full, failed about as often (227k vs 232k times in 3 s).
         self._read_fd, self._write_fd = read_fd, write_fd
         self._inode = (st.st_dev, st.st_ino)
         self._loop.add_reader(read_fd, self._readable)
