@@ -7,6 +7,7 @@ import os
 import subprocess
 import tempfile
 import time
+import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,12 +17,15 @@ import aiotimer
 CALLS = 20_000
 
 
+#: Each figure is the best of this many rounds of ``calls / ROUNDS`` calls: a
+#: machine shared with other work can only make a round slower, never faster.
+ROUNDS = 5
+
+
 def _per_call_us(fn: Callable[[], None], calls: int) -> float:
     fn()  # warm up
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
+    number = max(1, calls // ROUNDS)
+    return min(timeit.repeat(fn, repeat=ROUNDS, number=number)) / number * 1e6
 
 
 @contextmanager
@@ -53,11 +57,15 @@ def aiotimer_client(calls: int = CALLS) -> dict[str, float]:
                     pass
 
             async def async_calls() -> float:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    async with aiotimer.timer(after=60, scope="step"):
-                        pass
-                return (time.perf_counter() - t0) / calls * 1e6
+                number = max(1, calls // ROUNDS)
+                best = float("inf")
+                for _ in range(ROUNDS):
+                    t0 = time.perf_counter()
+                    for _ in range(number):
+                        async with aiotimer.timer(after=60, scope="step"):
+                            pass
+                    best = min(best, time.perf_counter() - t0)
+                return best / number * 1e6
 
             return {
                 "expires(scope=...)": _per_call_us(scoped, calls),
