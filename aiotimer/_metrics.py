@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socketserver
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,9 +23,6 @@ if TYPE_CHECKING:
     from ._events import Counters
 
 __all__ = ["MetricsServer"]
-
-#: The interpreter's thread switch interval while metrics are served, seconds.
-_SWITCH_INTERVAL = 0.0005
 
 #: What the server hands the exporter: its counters and two gauges.
 Source = Callable[[], tuple["Counters", int, int]]
@@ -148,12 +144,6 @@ class MetricsServer:
         )
         self.host = host
         self.port: int = self._http.server_address[1]
-        # While a scrape runs on its thread, the loop thread that must act on
-        # a deadline waits for the GIL: up to the switch interval (5 ms by
-        # default; kills were seen 5-10 ms late under scraping).  A shorter
-        # one costs only more frequent hand-overs while both threads run.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, _SWITCH_INTERVAL))
         self._thread = threading.Thread(
             target=self._http.serve_forever, name="aiotimer-metrics", daemon=True
         )
@@ -201,7 +191,6 @@ class MetricsServer:
         self._http.shutdown()
         self._http.server_close()
         self._thread.join(timeout=5)
-        sys.setswitchinterval(self._switch_interval)
 
     async def aclose(self) -> None:
         """``close()``, off the loop (for a server's listeners)."""

@@ -134,17 +134,6 @@ async def test_healthz_turns_503_while_the_loop_is_blocked_and_200_after() -> No
         assert (await asyncio.to_thread(get, f"http://127.0.0.1:{metrics.port}/nope"))[0] == 404
 
 
-async def test_a_scrape_cannot_hold_the_loop_for_a_whole_default_switch_interval() -> None:
-    # A scrape runs on the exporter's thread; the loop thread, due to act on a
-    # deadline, waits at most the switch interval for the GIL.
-    default = sys.getswitchinterval()
-    async with TimerServer() as server:
-        metrics = server.serve_metrics()
-        assert sys.getswitchinterval() <= 0.0005 < default
-        assert (await asyncio.to_thread(get, metrics.url))[0] == 200
-    assert sys.getswitchinterval() == default
-
-
 async def test_metrics_count_what_happened_on_a_mock_clock() -> None:
     clock = MockClock()
     async with TimerServer(clock=clock, reaper=RecordingReaper()) as server:
