@@ -20,6 +20,8 @@ from aiotimer._protocol import (
     FrameDecoder,
     Op,
     Request,
+    _checked_request_from_json,
+    _request_from_json,
     decode_json_line,
     decode_json_lines,
     encode_acquire,
@@ -231,3 +233,29 @@ def test_a_request_glued_to_a_partial_line_is_kept_and_the_junk_rejected(prefix:
     assert len(errors) == 1
     requests, errors = decode_json_lines([prefix, b"junk only"])
     assert requests == [] and len(errors) == 2
+
+
+_json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["version", "pid", "scope_id", "expiration_time", "signal", "x"]),
+        st.one_of(_json_values, st.sampled_from([1, 9, 15, 100, -1, 0, 1.5e9, -1.0, "s"])),
+    )
+)
+def test_the_fast_path_decodes_exactly_as_the_checked_one(obj: dict[str, object]) -> None:
+    def outcome(decode: object) -> object:
+        try:
+            return decode(obj)  # type: ignore[operator]
+        except ProtocolError:
+            return "rejected"
+
+    assert outcome(_request_from_json) == outcome(_checked_request_from_json)
