@@ -173,7 +173,9 @@ async def _py_spy(binary: str, pid: int, timeout: float, native: bool) -> tuple[
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        # Read its pipes to their end as well as waiting: on uvloop a pipe
+        # left open outlives the process and the loop cannot close.
+        await proc.communicate()
         raise
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip().splitlines()
