@@ -93,19 +93,6 @@ def _no_global_client() -> Iterator[None]:
     compat.configure(None)
 
 
-@pytest.fixture
-def fifo(tmp_path: Path) -> str:
-    return str(tmp_path / "timer.fifo")
-
-
-@pytest.fixture
-def file_server(fifo: str) -> Iterator[compat.FileTimerServer]:
-    server = compat.FileTimerServer(fifo, run_id="test", max_interval=0.01)
-    server.start()
-    yield server
-    server.stop()
-
-
 # -- the names -----------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,19 +44,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def fifo(tmp_path: Path) -> str:
-    return str(tmp_path / "timer.fifo")
-
-
-@pytest.fixture
-def file_server(fifo: str) -> Iterator[compat.FileTimerServer]:
-    server = compat.FileTimerServer(fifo, run_id="test", max_interval=0.01)
-    server.start()
-    yield server
-    server.stop()
 
 
 TORCH_FILE_WORKER = """
