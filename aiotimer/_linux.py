@@ -1,4 +1,4 @@
-"""What aiotimer asks of Linux: pidfds, /proc ancestry, SCHED_BATCH, timerfds, inotify, prctl.
+"""What aiotimer asks of Linux: pidfds, /proc ancestry, scheduling, timerfds, inotify, prctl.
 
 Process identity goes through pidfds, so a reused pid is never signalled.  A
 timerfd is a one-shot CLOCK_MONOTONIC alarm that a loop watches like any fd: a
@@ -27,6 +27,7 @@ __all__ = [
     "descends_from",
     "descendants",
     "die_with_parent",
+    "enter_realtime",
     "environ_of",
     "holds_pipe",
     "live_processes",
@@ -39,6 +40,7 @@ __all__ = [
     "pidfd_no_wakeup_preemption",
     "pidfd_signal",
     "process_uid",
+    "restore_scheduling",
     "timerfd_arm_at",
     "timerfd_create",
 ]
@@ -114,6 +116,36 @@ def pidfd_no_wakeup_preemption(pidfd: int, pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+#: The real-time priority ``enter_realtime`` takes: the lowest, which runs
+#: before every normal task and after any real-time work the machine has.
+REALTIME_PRIORITY = 1
+
+
+def enter_realtime() -> tuple[int, int] | None:
+    """Move the calling thread to SCHED_RR; what ``restore_scheduling`` takes back.
+
+    Returns the thread's previous ``(policy, priority)``, or ``None`` if it was
+    real-time already (then nothing is changed).  ``SCHED_RESET_ON_FORK`` goes
+    with it: processes and threads created from this thread start as normal
+    tasks, so a spawned worker never inherits the priority.  Raises
+    ``PermissionError`` without CAP_SYS_NICE or an RLIMIT_RTPRIO of 1 or more.
+    """
+    policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+    if policy in (os.SCHED_FIFO, os.SCHED_RR):
+        return None
+    previous = (policy, os.sched_getparam(0).sched_priority)
+    os.sched_setscheduler(
+        0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(REALTIME_PRIORITY)
+    )
+    return previous
+
+
+def restore_scheduling(previous: tuple[int, int]) -> None:
+    """Put the calling thread back on the policy ``enter_realtime`` returned."""
+    policy, priority = previous
+    os.sched_setscheduler(0, policy, os.sched_param(priority))
 
 
 def _stat_fields(pid: int) -> list[str]:

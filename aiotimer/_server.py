@@ -37,6 +37,7 @@ from ._incidents import DEFAULT_DUMP_TIMEOUT, Incident, IncidentReaper
 from ._killer import Killer
 from ._linux import ProcessGone, descendants, live_processes
 from ._metrics import MetricsServer
+from ._priority import LEAD, RealtimeBoost
 from ._processes import ProcessRegistry, WatchedProcess
 from ._reapers import SignalReaper
 from ._scheduler import Scheduler
@@ -167,7 +168,11 @@ class TimerServer:
     ``IncidentReaper``).  Caps, so no client can exhaust the server (``None``: no
     cap; over a cap, a request is rejected with its reason):
     ``max_timers_per_process``, ``max_scope_chars_per_process``,
-    ``max_processes_per_channel``.
+    ``max_processes_per_channel``.  ``realtime``: run the loop's thread on
+    SCHED_RR from shortly before each deadline until it is dealt with, so that
+    CPU-bound neighbours cannot hold back a kill (see ``realtime``); needs
+    CAP_SYS_NICE or ``ulimit -r`` >= 1, and without it the server logs a warning
+    and runs at normal priority.
     """
 
     def __init__(
@@ -184,7 +189,10 @@ class TimerServer:
         max_processes_per_channel: int | None = 1024,
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
+        realtime: bool = False,
     ) -> None:
+        if not isinstance(realtime, bool):
+            raise TypeError(f"`realtime` must be True or False, got {realtime!r}")
         settings = _checked(
             reaper,
             clock,
@@ -217,9 +225,11 @@ class TimerServer:
             heap, registry, self._clock, counters, self.events,
             reaper=reaper, attempts=settings.attempts, timeout=settings.timeout,
         )  # fmt: skip
+        self._boost = RealtimeBoost() if realtime else None
         self._scheduler = Scheduler(
-            self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up
-        )
+            self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up,
+            approach=LEAD, on_approach=self._boost,
+        )  # fmt: skip
         self._transports = _Transports()
         self._dispatcher = Dispatcher(
             heap, registry, self._scheduler, self._clock, counters, self.events,
@@ -269,6 +279,8 @@ class TimerServer:
         self._killer.bind(loop)
         if self._incidents is not None:
             self._incidents.open()
+        if self._boost is not None and self._boost.check():
+            logger.info("timer server boosts its thread to real-time near deadlines")
         self._state = _State.RUNNING
         self._dispatcher.open = True
         self._scheduler.start()
@@ -302,6 +314,16 @@ class TimerServer:
         self._closed.set()
         logger.info("timer server stopped")
         self.events.emit(WatchdogStopped())
+
+    @property
+    def realtime(self) -> bool:
+        """Whether ``realtime=True`` was asked for and is permitted (known once started).
+
+        Then the loop's thread runs SCHED_RR from ``LEAD`` (0.1 s) before the
+        earliest deadline until it is dealt with, and at its own priority
+        otherwise; threads and processes it starts run as normal tasks.
+        """
+        return self._boost is not None and self._boost.permitted
 
     async def __aenter__(self) -> TimerServer:
         await self.start()

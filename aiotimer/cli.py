@@ -143,6 +143,12 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         help="address to serve metrics on (default 127.0.0.1)",
     )
     parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the timer server real-time (SCHED_RR), so busy workers cannot delay a kill "
+        "(needs CAP_SYS_NICE or `ulimit -r` >= 1; warns and runs normally without)",
+    )
+    parser.add_argument(
         "--dump-stacks",
         action="store_true",
         help="(deprecated: every expiry's stacks are captured into its incident)",
@@ -320,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     event_log=args.event_log,
                     metrics_port=args.metrics_port,
                     metrics_host=args.metrics_host,
+                    realtime=args.realtime,
                 )
             )
         _configure_logging(args.log_level, events_printed=True)
@@ -334,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             event_log=args.event_log,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            realtime=args.realtime,
         )
         status = _run(job.run())
         if job.output.closed:

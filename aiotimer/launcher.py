@@ -305,6 +305,7 @@ class Job:
         event_log: str | os.PathLike[str] | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        realtime: bool = False,
     ) -> None:
         if not command:
             raise UsageError("a command to run is required after --")
@@ -321,6 +322,7 @@ class Job:
         self.event_log = event_log
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
+        self.realtime = realtime
         #: restarts made so far (a group restart counts every rank)
         self.restarts = 0
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer, self._stdout_closed)
@@ -542,7 +544,9 @@ class Job:
             None if self.event_log is None else JsonEventLog(self.event_log, rank_of=self._rank_of)
         )
         try:
-            async with TimerServer(reaper=self._reaper, log_event=log) as server:
+            async with TimerServer(
+                reaper=self._reaper, log_event=log, realtime=self.realtime
+            ) as server:
                 server.events.subscribe(self._on_event)
                 if self.metrics_port is not None:
                     metrics = server.serve_metrics(
@@ -619,6 +623,7 @@ async def serve_command(
     event_log: str | os.PathLike[str] | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    realtime: bool = False,
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
 
@@ -642,7 +647,7 @@ async def serve_command(
     become_subreaper()
     token = uuid.uuid4().hex
     log = None if event_log is None else JsonEventLog(event_log)
-    async with TimerServer(reaper=reaper, log_event=log) as server:
+    async with TimerServer(reaper=reaper, log_event=log, realtime=realtime) as server:
         await listen_fifo(server, fifo, roots=roots)
         if metrics_port is not None:
             metrics = server.serve_metrics(host=metrics_host, port=metrics_port)

@@ -10,6 +10,7 @@ from pathlib import Path
 WORKER = str(Path(__file__).with_name("_worker.py"))
 OBSERVER = str(Path(__file__).with_name("_observer.py"))
 TORCH_HOST = str(Path(__file__).with_name("_torchhost.py"))
+SLEEPER = str(Path(__file__).with_name("_sleeper.py"))
 ROOT = str(Path(__file__).resolve().parent.parent)
 # Python start-up of 64 workers on two shared cores takes seconds; allow plenty.
 STARTUP_TIMEOUT = 120.0
@@ -97,3 +98,27 @@ async def expect_line(stream: asyncio.StreamReader | None, want: bytes) -> None:
 def python_worker_argv(*mode: str) -> list[str]:
     """argv of a benchmark worker in ``mode``."""
     return [sys.executable, WORKER, *mode]
+
+
+class Sleeper:
+    """``_sleeper.py`` in its own process: how late a normal-priority sleeper wakes meanwhile."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start sleeping and waking (at normal priority, whatever this process runs at)."""
+        pipe = asyncio.subprocess.PIPE
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, SLEEPER, stdin=pipe, stdout=pipe
+        )
+
+    async def stop(self) -> tuple[float, float, float]:
+        """Stop it; its oversleep p50, p99 and max in milliseconds."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        await proc.wait()
+        p50, p99, top = (float(x) for x in line.split())
+        return p50, p99, top

@@ -31,7 +31,7 @@ from aiotimer import Event, KillWorkerProcess, TimerServer, Worker
 from aiotimer.transports import listen_fifo
 
 from . import kill
-from ._procs import expect_line, python_worker_argv, start_torch_host, worker_env
+from ._procs import Sleeper, expect_line, python_worker_argv, start_torch_host, worker_env
 
 PIPE = asyncio.subprocess.PIPE
 #: How far ahead of "armed" a bystander's deadline lies.
@@ -50,6 +50,10 @@ class Outcome:
     missed: int = 0
     others: int = 0  # kills of processes that were not meant to hang (or a second kill)
     kills: list[tuple[int, float]] = field(default_factory=list)  # (pid, decision seconds)
+    realtime: bool = False  # whether the server's thread ran real-time
+    # How late a separate normal-priority process woke from 1 ms sleeps meanwhile
+    # (p50, p99, max ms): the floor for any process at normal priority.
+    sleeper_ms: tuple[float, float, float] = (float("nan"),) * 3
 
     def tally(self, hung: list[int]) -> None:
         """Split ``kills`` into the hung processes' decisions, the missed and the others."""
@@ -129,11 +133,16 @@ async def _quit(host: asyncio.subprocess.Process) -> None:
 # -- kill under load -----------------------------------------------------------------
 
 
-async def load_pipe(flooders: int, bystanders: int) -> Outcome:
-    """Bystanders hang one after another while ``flooders`` pipe workers flood the server."""
+async def load_pipe(flooders: int, bystanders: int, realtime: bool = False) -> Outcome:
+    """Bystanders hang one after another while ``flooders`` pipe workers flood the server.
+
+    ``realtime``: the server's thread runs SCHED_RR (``TimerServer(realtime=True)``).
+    """
     out = Outcome()
     seconds = 2.0 + bystanders * (LEAD + 0.6)
-    async with TimerServer() as server:
+    sleeper = Sleeper()
+    async with TimerServer(realtime=realtime) as server:
+        out.realtime = server.realtime
         _decisions(server, out.decisions, out.kills)
         floods = [
             await server.spawn(
@@ -151,9 +160,11 @@ async def load_pipe(flooders: int, bystanders: int) -> Outcome:
             f.stdin.write(b"go\n")
         t0, base = time.monotonic(), server.statistics().requests
         await asyncio.sleep(1.0)
+        await sleeper.start()
         hung = [await _pipe_bystander(server) for _ in range(bystanders)]
         elapsed = time.monotonic() - t0
         done = server.statistics().requests - base
+        out.sleeper_ms = await sleeper.stop()
         for f in floods:
             assert f.stdout is not None
             await asyncio.wait_for(f.stdout.readline(), seconds + 60)
@@ -163,13 +174,19 @@ async def load_pipe(flooders: int, bystanders: int) -> Outcome:
     return out
 
 
-async def load_fifo(flooders: int, bystanders: int) -> Outcome:
-    """The same with torch's own ``FileTimerClient`` on a FIFO, flooders and bystanders alike."""
+async def load_fifo(flooders: int, bystanders: int, realtime: bool = False) -> Outcome:
+    """The same with torch's own ``FileTimerClient`` on a FIFO, flooders and bystanders alike.
+
+    torch's clients never block: a full FIFO makes them raise, and these retry
+    at once, so all ``flooders`` stay runnable and share the cores with the server.
+    """
     out = Outcome()
     seconds = 2.0 + bystanders * (LEAD + 0.6)
+    sleeper = Sleeper()
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "timer.fifo")
-        async with TimerServer() as server:
+        async with TimerServer(realtime=realtime) as server:
+            out.realtime = server.realtime
             _decisions(server, out.decisions, out.kills)
             await listen_fifo(server, fifo)
             flood = await start_torch_host("client-file", fifo)
@@ -178,9 +195,11 @@ async def load_fifo(flooders: int, bystanders: int) -> Outcome:
             flood.stdin.write(f"pump {flooders} {seconds!r}\n".encode())
             t0, base = time.monotonic(), server.statistics().requests
             await asyncio.sleep(1.0)
+            await sleeper.start()
             hung_pids = [await _torch_bystander(hung) for _ in range(bystanders)]
             elapsed = time.monotonic() - t0
             done = server.statistics().requests - base
+            out.sleeper_ms = await sleeper.stop()
             await asyncio.wait_for(flood.stdout.readline(), seconds + 60)
             await _quit(flood)
             await _quit(hung)

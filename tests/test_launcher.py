@@ -138,6 +138,25 @@ def test_a_hung_worker_that_exits_0_on_sigterm_is_still_a_watchdog_exit(
     assert "rank 0: FAILED, its watchdog fired, then exit status 0" in err
 
 
+def test_realtime_kills_a_hang_and_ranks_run_as_normal_tasks(loop: str, marker: str) -> None:
+    proc = launcher(
+        loop,
+        marker,
+        "--realtime",
+        code="""
+            import os, time, aiotimer
+            print("policy", os.sched_getscheduler(0), flush=True)
+            with aiotimer.expires(after=0.3, scope="stuck"):
+                time.sleep(60)
+        """,
+    )
+    code, out, err = finish(proc)
+    assert code == 124, err
+    assert f"policy {os.SCHED_OTHER}" in out  # the rank never inherits the priority
+    assert "timer 'stuck' expired" in err
+    assert "Traceback" not in err  # permitted or not (then one warning line), the job runs
+
+
 def test_a_rank_that_fails_on_its_own_exits_1(loop: str, marker: str) -> None:
     code, _, err = finish(launcher(loop, marker, code="raise SystemExit(3)"))
     assert code == 1 and "rank 0: FAILED, exit status 3" in err

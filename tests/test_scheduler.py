@@ -19,6 +19,7 @@ class Recorder:
         self.heap = heap
         self.due: list[tuple[float, list[int]]] = []
         self.warm: list[float] = []
+        self.approach: list[bool] = []
 
     def on_due(self, now: float) -> None:
         self.due.append((now, [owner for owner, _ in self.heap.pop_expired(now)]))
@@ -28,7 +29,7 @@ class Recorder:
 
 
 def make(
-    clock: MockClock | None = None, *, warm_up: bool = True
+    clock: MockClock | None = None, *, warm_up: bool = True, approach: float | None = None
 ) -> tuple[MockClock, DeadlineHeap, Scheduler, Recorder, Counters]:
     clock = clock or MockClock()
     heap = DeadlineHeap()
@@ -40,6 +41,8 @@ def make(
         counters,
         on_due=recorder.on_due,
         on_warm_up=recorder.on_warm_up if warm_up else None,
+        approach=approach or 0.0,
+        on_approach=None if approach is None else recorder.approach.append,
     )
     scheduler.start()
     return clock, heap, scheduler, recorder, counters
@@ -173,3 +176,64 @@ async def test_stop_cancels_the_alarm() -> None:
     assert recorder.due == []
     arm(heap, scheduler, 2, 6.0)  # stopped: nothing is armed
     assert scheduler.armed == float("inf")
+
+
+# -- approach: said when the earliest deadline comes near, and when none is ------------
+
+
+async def test_approach_is_said_once_the_earliest_deadline_is_that_near_and_not_before() -> None:
+    clock, heap, scheduler, recorder, _ = make(approach=0.1)
+    arm(heap, scheduler, 1, 10.0)
+    arm(heap, scheduler, 2, 10.05)
+    await clock.advance(9.89)
+    assert recorder.approach == []
+    await clock.advance(0.01 + 1e-9)  # (9.89 + 0.01 falls short of 10 - 0.1 in floats)
+    assert recorder.approach == [True]
+    assert recorder.warm == []  # the warm-up pass is not moved to the approach
+    await clock.advance(10.0 - WARM_UP - clock.now())
+    assert recorder.warm == [10.0]  # it still runs just before the deadline
+    await clock.advance(WARM_UP)  # the first is due; the second is near still: no change
+    assert [owners for _, owners in recorder.due] == [[1]] and recorder.approach == [True]
+    await clock.advance(0.05)
+    assert recorder.due[-1][1] == [2] and recorder.approach == [True, False]
+
+
+async def test_approach_ends_when_the_near_deadline_is_released_and_a_far_one_is_left() -> None:
+    clock, heap, scheduler, recorder, _ = make(approach=0.1, warm_up=False)
+    arm(heap, scheduler, 1, 1.0)
+    arm(heap, scheduler, 2, 5.0)
+    await clock.advance(0.95)
+    assert recorder.approach == [True]
+    heap.remove(1, "s")
+    scheduler.rearm()
+    assert recorder.approach == [True, False]
+    await clock.advance(4.0)  # near the second one: said again
+    assert recorder.approach == [True, False, True]
+
+
+async def test_a_deadline_armed_within_approach_is_near_at_once_and_stop_ends_it() -> None:
+    _, heap, scheduler, recorder, _ = make(approach=0.1)
+    arm(heap, scheduler, 1, 0.05)
+    assert recorder.approach == [True]
+    scheduler.stop()
+    assert recorder.approach == [True, False]
+
+
+async def test_a_failing_approach_callback_is_logged_and_the_deadline_still_acted_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = MockClock()
+    heap = DeadlineHeap()
+    recorder = Recorder(heap)
+
+    def broken(near: bool) -> None:
+        raise OSError("sched_setscheduler failed")
+
+    scheduler = Scheduler(
+        clock, heap, Counters(), on_due=recorder.on_due, approach=0.1, on_approach=broken
+    )
+    scheduler.start()
+    arm(heap, scheduler, 1, 1.0)
+    await clock.advance(1.0)
+    assert recorder.due == [(1.0, [1])]
+    assert "on_approach(True) failed" in caplog.text

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -188,6 +189,8 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
         SignalReaper(grace=-1)
     with pytest.raises(TypeError, match="`clock` must implement"):
         TimerServer(clock=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`realtime` must be True or False, got 'yes'"):
+        TimerServer(realtime="yes")  # type: ignore[arg-type]
 
 
 async def test_the_server_wakes_just_before_a_deadline_to_warm_up_and_never_acts_early(
@@ -202,3 +205,85 @@ async def test_the_server_wakes_just_before_a_deadline_to_warm_up_and_never_acts
     await mock_clock.advance(0.0011)  # (9.998 + 0.001 + 0.001 falls short of 10 in floats)
     assert recording_reaper.scopes == [["step"]]
     assert timer_server.statistics().wakeups == 2
+
+
+# -- realtime: the loop's thread on SCHED_RR while serving -----------------------------
+
+
+def _policy() -> int:
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+
+
+def _realtime_permitted() -> bool:
+    """Whether this process may use SCHED_RR (tried on a throwaway thread)."""
+    import threading
+
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+        except PermissionError:
+            result.append(False)
+        else:
+            result.append(True)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _realtime_permitted(), reason="SCHED_RR is not permitted here")
+async def test_realtime_boosts_the_loop_thread_only_near_a_deadline_and_nothing_it_starts(
+    mock_clock: MockClock, recording_reaper: RecordingReaper
+) -> None:
+    before = (_policy(), os.getpriority(os.PRIO_PROCESS, 0))
+    async with TimerServer(clock=mock_clock, reaper=recording_reaper, realtime=True) as server:
+        assert server.realtime and _policy() == before[0]
+        channel = server.local_channel()
+        channel.acquire(ME, "step", 10.0)
+        await mock_clock.advance(9.89)
+        assert _policy() == before[0]  # far from the deadline: the thread's own priority
+        await mock_clock.advance(0.02)
+        assert _policy() == os.SCHED_RR  # within LEAD (0.1 s) of it: boosted
+        # Threads and processes started from the boosted thread run as normal tasks.
+        assert await asyncio.to_thread(_policy) == os.SCHED_OTHER
+        worker = await server.spawn(
+            sys.executable,
+            "-c",
+            "import os; print(os.sched_getscheduler(0))",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert worker.stdout is not None
+        assert int(await worker.stdout.readline()) == os.SCHED_OTHER
+        await worker.wait()
+        await mock_clock.advance(0.1)
+        assert recording_reaper.scopes == [["step"]]
+        assert _policy() == before[0]  # dealt with, nothing else near: back
+        channel.acquire(ME, "again", mock_clock.now() + 0.05)
+        assert _policy() == os.SCHED_RR  # armed within LEAD: boosted at once
+    assert (_policy(), os.getpriority(os.PRIO_PROCESS, 0)) == before  # closing restores it
+
+
+async def test_realtime_not_permitted_warns_and_serves_at_normal_priority(
+    mock_clock: MockClock,
+    recording_reaper: RecordingReaper,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refused() -> tuple[int, int] | None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("aiotimer._priority.enter_realtime", refused)
+    before = _policy()
+    async with TimerServer(clock=mock_clock, reaper=recording_reaper, realtime=True) as server:
+        assert not server.realtime
+        server.local_channel().acquire(ME, "step", 1.0)
+        await mock_clock.advance(0.95)
+        assert _policy() == before
+        await mock_clock.advance(0.05)
+        assert recording_reaper.scopes == [["step"]]
+    (record,) = [r for r in caplog.records if "realtime=True" in r.getMessage()]
+    assert record.levelname == "WARNING" and "CAP_SYS_NICE" in record.getMessage()

@@ -13,8 +13,9 @@ Differences from torch's ``FileTimerServer``, all on purpose:
   and is not a FIFO is refused, never deleted, and the FIFO is removed on close;
 - a FIFO unlinked or replaced while serving is noticed (inotify on its
   directory) and created again, with a log line;
-- its buffer is enlarged (up to ``/proc/sys/fs/pipe-max-size``), so bursts of
-  requests do not fail in the clients' non-blocking writes;
+- its buffer keeps the kernel's default size (64 KiB), as torch's: a bigger one
+  only queues requests the server cannot process yet, a release among them
+  past its deadline;
 - a request may only name a process of this user that descends from the server
   or from a configured root (the torchrun agent, say), never the server itself.
 """
