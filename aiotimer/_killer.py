@@ -13,6 +13,7 @@ retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import gc
 import operator
 import signal as _signal
 from collections.abc import Awaitable, Coroutine, Iterator
@@ -265,6 +266,11 @@ class Killer:
         # SIGCHLDs would interrupt the burst (uvloop handles them), so they
         # wait until it is over.
         mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _CHILD_SIGNALS)
+        # Nor may a garbage collection fall between two signals: the burst
+        # allocates, and a full collection of a big heap (a launcher that
+        # imported torch) stops the loop for tens of milliseconds.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             more = True
             while more:
@@ -315,6 +321,8 @@ class Killer:
                 decided.append((expiry, process))
             self._reap(decided, calls)
         finally:
+            if collecting:
+                gc.enable()
             _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
             self._kill_events = None
         for call in calls:

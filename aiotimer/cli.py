@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -283,6 +284,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         factory = loop_factory()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    # Everything imported so far lives as long as the process: a full garbage
+    # collection need not walk it again, so its pauses (which hold the loop,
+    # and a kill with it) stay as short as the launcher's own garbage.
+    gc.freeze()
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(on_own_loop())
 

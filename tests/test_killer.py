@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -98,6 +99,32 @@ async def test_one_reaper_call_per_process_with_all_its_expired_scopes(
     assert [t.lag for t in reaper.expiries[0].timers] == [1.0, 0.0]
     assert rig.counters.expiries == 3
     assert [e.name for e in rig.events] == ["timer expired"] * 3
+
+
+@pytest.mark.parametrize("app_collects", [True, False])
+async def test_no_garbage_collection_can_run_between_the_signals_of_a_burst(
+    rig_factory: Callable[..., Rig],
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+    app_collects: bool,
+) -> None:
+    collecting_during: list[bool] = []
+
+    def reaper(expiry: Expiry) -> None:
+        collecting_during.append(gc.isenabled())
+        gc.collect(0)  # (an explicit collection is the reaper's own business)
+
+    rig = rig_factory(reaper)
+    a, b = rig.watch(sleeper().pid), rig.watch(sleeper().pid)
+    rig.arm(a, "a", 1.0)
+    rig.arm(b, "b", 1.0)
+    if not app_collects:
+        gc.disable()
+    try:
+        await rig.expire_at(1.0)
+        assert collecting_during == [False, False]
+        assert gc.isenabled() is app_collects  # as the application had it
+    finally:
+        gc.enable()
 
 
 async def test_a_process_is_signalled_before_all_its_due_timers_are_popped(
