@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiotimer import Event, KillWorkerProcess, TimerServer
 from aiotimer.transports import listen_fifo
@@ -139,11 +140,17 @@ def _scraped(server: TimerServer) -> Callable[[], None]:
     return stop
 
 
-async def aiotimer_pipe(n: int, server: TimerServer | None = None) -> KillRun:
-    """aiotimer's TimerServer in this loop (``server``, or a default one); workers over pipes."""
+async def aiotimer_pipe(
+    n: int, server: TimerServer | None = None, *, realtime: bool = False
+) -> KillRun:
+    """aiotimer's TimerServer in this loop (``server``, or a default one); workers over pipes.
+
+    ``realtime``: the default server with ``realtime=True``.
+    """
     decisions: list[float] = []
     pipe = asyncio.subprocess.PIPE
-    async with _decisions_into(server or TimerServer(), decisions) as server:
+    server = server or TimerServer(realtime=realtime)
+    async with _decisions_into(server, decisions) as server:
         stop_scraping = _scraped(server) if WITH_METRICS else (lambda: None)
         argv = python_worker_argv("aiotimer")
 
@@ -208,12 +215,12 @@ async def floor_torch(n: int) -> KillRun:
     return await _torch(n, "none", floor=True)
 
 
-async def aiotimer_fifo(n: int) -> KillRun:
+async def aiotimer_fifo(n: int, *, realtime: bool = False) -> KillRun:
     """aiotimer's TimerServer in this loop serving torch's own FileTimerClient on a FIFO."""
     decisions: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "timer.fifo")
-        async with _decisions_into(TimerServer(), decisions) as server:
+        async with _decisions_into(TimerServer(realtime=realtime), decisions) as server:
             await listen_fifo(server, fifo)
             run = await _torch(n, "client-file", fifo=fifo)
     run.decision = decisions
@@ -259,6 +266,18 @@ def backends(torch_defaults: bool) -> list[Backend]:
         Backend("aiotimer-pipe", aiotimer_pipe, "plain", on_every_loop=True),
         Backend("floor (torch)", floor_torch, "torch", is_floor=True, needs_torch=True),
         Backend("aiotimer-fifo", aiotimer_fifo, "torch", on_every_loop=True, needs_torch=True),
+        # The same with TimerServer(realtime=True): the dying victims of a burst
+        # cannot preempt the server before it has signalled them all.
+        Backend(
+            "aiotimer-pipe rt", partial(aiotimer_pipe, realtime=True), "plain", on_every_loop=True
+        ),
+        Backend(
+            "aiotimer-fifo rt",
+            partial(aiotimer_fifo, realtime=True),
+            "torch",
+            on_every_loop=True,
+            needs_torch=True,
+        ),
         Backend("torch-file@0.01", torch_file(0.01), "torch", needs_torch=True),
         Backend("torch-local@0.01", torch_local(0.01), "torch", needs_torch=True),
     ]
