@@ -90,6 +90,7 @@ def dump_file_name(pid: int) -> str:
 MAGIC = 0xA8
 _HEAD = struct.Struct("=BBHid")
 _CRC = struct.Struct("=I")
+_HEAD_CRC = struct.Struct("=BBHidI")  # both, read in one call when decoding
 #: Bytes before a frame's scope: the fields and their checksum.
 HEADER_SIZE = _HEAD.size + _CRC.size
 #: Largest frame: PIPE_BUF on Linux, the size the kernel writes atomically.
@@ -116,6 +117,8 @@ class Op(enum.IntEnum):
 
 
 _OPS = {op.value: op for op in Op}
+# For comparisons on the request path (a global is quicker to load than an enum member).
+_STAMPED, _AFTER, _RELEASE, _HELLO = Op.ACQUIRE_STAMPED, Op.ACQUIRE_AFTER, Op.RELEASE, Op.HELLO
 
 #: ``Request.signal``: the client leaves the choice of signal to the server's reaper.
 SIGNAL_DEFAULT = 0
@@ -142,6 +145,9 @@ class Request(NamedTuple):
     signal: int = SIGNAL_DEFAULT
     #: ``ACQUIRE_STAMPED``: the client's clock when it sent the request
     sent: float = 0.0
+
+
+_new_request = tuple.__new__  # a Request without NamedTuple's keyword handling
 
 
 def valid_signal(number: int) -> bool:
@@ -222,11 +228,16 @@ class FrameDecoder:
         buf = self._buffer + data if self._buffer else data
         requests: list[Request] = []
         errors: list[str] = []
+        # On the request path: names are bound to locals once per read, and
+        # requests are built as plain tuples (no NamedTuple keyword handling).
         append = requests.append
-        unpack = _HEAD.unpack_from
-        unpack_crc = _CRC.unpack_from
+        new_request = _new_request
+        unpack = _HEAD_CRC.unpack_from
+        unpack_sent = _SENT.unpack_from
         crc32 = zlib.crc32
+        isfinite = math.isfinite
         ops = _OPS
+        stamped, after, release, hello = _STAMPED, _AFTER, _RELEASE, _HELLO
         pos = 0
         end = len(buf)
         skipped = 0
@@ -237,12 +248,8 @@ class FrameDecoder:
                 skipped += nxt - pos
                 pos = nxt
                 continue
-            _, op, length, pid, value = unpack(buf, pos)
-            if (
-                length < HEADER_SIZE
-                or length > FRAME_MAX
-                or unpack_crc(buf, pos + 16)[0] != crc32(buf[pos : pos + 16])
-            ):
+            _, op, length, pid, value, crc = unpack(buf, pos)
+            if length < HEADER_SIZE or length > FRAME_MAX or crc != crc32(buf[pos : pos + 16]):
                 skipped += 1  # not a header after all: try the next byte
                 pos += 1
                 continue
@@ -254,12 +261,12 @@ class FrameDecoder:
             kind = ops.get(op)
             start = pos + HEADER_SIZE
             sent = 0.0
-            if kind is Op.ACQUIRE_STAMPED:
+            if kind is stamped:
                 if length < HEADER_SIZE + 8:
                     pos += length
                     errors.append(f"stamped acquire from pid {pid} is too short")
                     continue
-                (sent,) = _SENT.unpack_from(buf, start)
+                (sent,) = unpack_sent(buf, start)
                 start += 8
             try:
                 scope = buf[start : pos + length].decode()
@@ -272,23 +279,23 @@ class FrameDecoder:
                 errors.append(f"scope from pid {pid} is not valid UTF-8")
             elif pid <= 0:
                 errors.append(f"pid must be > 0, got {pid}")
-            elif kind is Op.RELEASE:
-                append(Request(kind, pid, scope, 0.0))
-            elif kind is Op.HELLO:
+            elif kind is release:
+                append(new_request(Request, (kind, pid, scope, 0.0, SIGNAL_DEFAULT, 0.0)))
+            elif kind is hello:
                 if value == 0 or (
-                    math.isfinite(value) and value == int(value) and valid_signal(int(value))
+                    isfinite(value) and value == int(value) and valid_signal(int(value))
                 ):
-                    append(Request(kind, pid, scope, 0.0, int(value)))
+                    append(new_request(Request, (kind, pid, scope, 0.0, int(value), 0.0)))
                 else:
                     errors.append(f"dump signal from pid {pid} is not a signal number: {value}")
-            elif value != value or value in (math.inf, -math.inf):
+            elif not isfinite(value):
                 errors.append(f"deadline from pid {pid} must be finite, got {value}")
-            elif kind is Op.ACQUIRE_AFTER and value < 0:
+            elif kind is after and value < 0:
                 errors.append(f"seconds from pid {pid} must be >= 0, got {value}")
-            elif kind is Op.ACQUIRE_STAMPED and not math.isfinite(sent):
+            elif kind is stamped and not isfinite(sent):
                 errors.append(f"send time from pid {pid} must be finite, got {sent}")
             else:
-                append(Request(kind, pid, scope, value, SIGNAL_DEFAULT, sent))
+                append(new_request(Request, (kind, pid, scope, value, SIGNAL_DEFAULT, sent)))
         if skipped:
             errors.append(f"skipped {skipped} bytes that are not frames")
         self._buffer = buf[pos:] if pos < end else b""
