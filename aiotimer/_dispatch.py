@@ -19,20 +19,11 @@ from ._clock import Cancellable, Clock, wall_to_monotonic
 from ._events import EVENT_LOGGED, Counters, EventBus, RequestRejected, logger
 from ._heap import DeadlineHeap
 from ._processes import ProcessRegistry
-from ._protocol import Op, Request
+from ._protocol import _AFTER, _HELLO, _RELEASE, _STAMPED, _WALL, Request
 from ._scheduler import Scheduler
 from .transports._base import Channel
 
 __all__ = ["Caps", "Dispatcher", "RejectionLog"]
-
-# For comparisons on the request path (a global is quicker to load than an enum member).
-_STAMPED, _AFTER, _RELEASE, _HELLO, _WALL = (
-    Op.ACQUIRE_STAMPED,
-    Op.ACQUIRE_AFTER,
-    Op.RELEASE,
-    Op.HELLO,
-    Op.ACQUIRE_WALL,
-)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,13 @@ class Op(enum.IntEnum):
 
 _OPS = {op.value: op for op in Op}
 # For comparisons on the request path (a global is quicker to load than an enum member).
-_STAMPED, _AFTER, _RELEASE, _HELLO = Op.ACQUIRE_STAMPED, Op.ACQUIRE_AFTER, Op.RELEASE, Op.HELLO
+_STAMPED, _AFTER, _RELEASE, _HELLO, _WALL = (
+    Op.ACQUIRE_STAMPED,
+    Op.ACQUIRE_AFTER,
+    Op.RELEASE,
+    Op.HELLO,
+    Op.ACQUIRE_WALL,
+)
 
 #: ``Request.signal``: the client leaves the choice of signal to the server's reaper.
 SIGNAL_DEFAULT = 0
@@ -352,11 +358,12 @@ def _request_from_json(obj: object) -> Request:
             and obj.get("version", 1) == 1
         ):
             if expiration < 0:
-                return Request(Op.RELEASE, pid, scope, 0.0)
+                return _new_request(Request, (_RELEASE, pid, scope, 0.0, SIGNAL_DEFAULT, 0.0))
             if signal <= 0:
-                return Request(Op.ACQUIRE_WALL, pid, scope, float(expiration), SIGNAL_LOG_ONLY)
-            if signal in _VALID_SIGNALS:
-                return Request(Op.ACQUIRE_WALL, pid, scope, float(expiration), signal)
+                signal = SIGNAL_LOG_ONLY
+            elif signal not in _VALID_SIGNALS:
+                return _checked_request_from_json(obj)
+            return _new_request(Request, (_WALL, pid, scope, float(expiration), signal, 0.0))
     return _checked_request_from_json(obj)
 
 
