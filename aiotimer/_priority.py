@@ -17,6 +17,8 @@ and is never stopped like that; when deadlines are always near it stays boosted.
 
 from __future__ import annotations
 
+import logging
+
 from ._events import logger
 from ._linux import enter_realtime, restore_scheduling
 
@@ -36,9 +38,10 @@ class RealtimeBoost:
     as it is.
     """
 
-    __slots__ = ("_previous", "active", "permitted")
+    __slots__ = ("_previous", "_warn", "active", "permitted")
 
-    def __init__(self) -> None:
+    def __init__(self, *, warn: bool = True) -> None:
+        self._warn = warn  # asked for explicitly: say so loudly when refused
         self._previous: tuple[int, int] | None = None
         #: whether this thread may use SCHED_RR (known after ``check()``)
         self.permitted = False
@@ -50,9 +53,10 @@ class RealtimeBoost:
         try:
             previous = enter_realtime()
         except PermissionError:
-            logger.warning(
-                "realtime=True: not permitted (needs CAP_SYS_NICE or `ulimit -r` of 1 or "
-                "more); serving at normal priority, where busy workers can delay kills"
+            logger.log(
+                logging.WARNING if self._warn else logging.INFO,
+                "real-time priority is not permitted (needs CAP_SYS_NICE or `ulimit -r` of 1 "
+                "or more); serving at normal priority, where busy workers can delay kills",
             )
             self.permitted = False
             return False

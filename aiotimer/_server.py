@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ._clock import Clock, SystemClock
 from ._dispatch import Caps, Dispatcher
@@ -172,7 +172,7 @@ class TimerServer:
     SCHED_RR from shortly before each deadline until it is dealt with, so that
     CPU-bound neighbours cannot hold back a kill (see ``realtime``); needs
     CAP_SYS_NICE or ``ulimit -r`` >= 1, and without it the server logs a warning
-    and runs at normal priority.
+    (``"auto"``: an info line) and runs at normal priority.
     """
 
     def __init__(
@@ -189,10 +189,10 @@ class TimerServer:
         max_processes_per_channel: int | None = 1024,
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
-        realtime: bool = False,
+        realtime: bool | Literal["auto"] = False,
     ) -> None:
-        if not isinstance(realtime, bool):
-            raise TypeError(f"`realtime` must be True or False, got {realtime!r}")
+        if not isinstance(realtime, bool) and realtime != "auto":
+            raise ValueError(f"`realtime` must be True, False or 'auto', got {realtime!r}")
         settings = _checked(
             reaper,
             clock,
@@ -225,7 +225,7 @@ class TimerServer:
             heap, registry, self._clock, counters, self.events,
             reaper=reaper, attempts=settings.attempts, timeout=settings.timeout,
         )  # fmt: skip
-        self._boost = RealtimeBoost() if realtime else None
+        self._boost = RealtimeBoost(warn=realtime is True) if realtime else None
         self._scheduler = Scheduler(
             self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up,
             approach=LEAD, on_approach=self._boost,
@@ -317,7 +317,7 @@ class TimerServer:
 
     @property
     def realtime(self) -> bool:
-        """Whether ``realtime=True`` was asked for and is permitted (known once started).
+        """Whether the boost was asked for (``True``/``"auto"``) and is permitted (once started).
 
         Then the loop's thread runs SCHED_RR from ``LEAD`` (0.1 s) before the
         earliest deadline until it is dealt with, and at its own priority

@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
 from ._loops import loop_factory, pidfd_child_watcher
@@ -145,9 +145,11 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--realtime",
-        action="store_true",
-        help="run the timer server real-time (SCHED_RR), so busy workers cannot delay a kill "
-        "(needs CAP_SYS_NICE or `ulimit -r` >= 1; warns and runs normally without)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the timer server real-time (SCHED_RR) near deadlines, so busy workers cannot "
+        "delay a kill (default: where permitted, i.e. with CAP_SYS_NICE or `ulimit -r` >= 1; "
+        "--realtime warns if it is not)",
     )
     parser.add_argument(
         "--dump-stacks",
@@ -275,6 +277,11 @@ def _configure_logging(level: str, *, events_printed: bool) -> None:
     log.setLevel(level)
 
 
+def _realtime(flag: bool | None) -> bool | Literal["auto"]:
+    """``--realtime``/``--no-realtime``, or neither: on where permitted."""
+    return "auto" if flag is None else flag
+
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     async def on_own_loop() -> int:
         async with pidfd_child_watcher():  # the CLI owns its loop: no thread per child
@@ -331,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     event_log=args.event_log,
                     metrics_port=args.metrics_port,
                     metrics_host=args.metrics_host,
-                    realtime=args.realtime,
+                    realtime=_realtime(args.realtime),
                 )
             )
         _configure_logging(args.log_level, events_printed=True)
@@ -346,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             event_log=args.event_log,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
-            realtime=args.realtime,
+            realtime=_realtime(args.realtime),
         )
         status = _run(job.run())
         if job.output.closed:

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from ._eventlog import JsonEventLog
 from ._events import (
@@ -289,7 +289,10 @@ class _Rank:
 
 
 class Job:
-    """``aiotimer run``: ``nprocs`` watched copies of ``command``, restarted as torchrun would."""
+    """``aiotimer run``: ``nprocs`` watched copies of ``command``, restarted as torchrun would.
+
+    ``realtime``: as ``TimerServer``'s (``"auto"``: the boost where permitted).
+    """
 
     def __init__(
         self,
@@ -305,7 +308,7 @@ class Job:
         event_log: str | os.PathLike[str] | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
-        realtime: bool = False,
+        realtime: bool | Literal["auto"] = "auto",
     ) -> None:
         if not command:
             raise UsageError("a command to run is required after --")
@@ -623,7 +626,7 @@ async def serve_command(
     event_log: str | os.PathLike[str] | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
-    realtime: bool = False,
+    realtime: bool | Literal["auto"] = "auto",
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
 
@@ -631,6 +634,7 @@ async def serve_command(
     torchrun hands on to every worker, so workers that use torch's own
     ``FileTimerClient`` are served by aiotimer.  SIGTERM, SIGINT, SIGHUP and SIGQUIT
     are passed on to the command; what it leaves behind is killed when it exits.
+    ``realtime``: as ``TimerServer``'s (``"auto"``: the boost where permitted).
     """
     from .transports.fifo import check_fifo_path, listen_fifo
 

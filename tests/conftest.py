@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -47,3 +48,22 @@ def _no_inherited_aiotimer_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests may themselves run under `aiotimer run`; a stray AIOTIMER_FD must not leak in.
     for name in [n for n in os.environ if n.startswith("AIOTIMER_")]:
         monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def realtime_permitted() -> bool:
+    """Whether this process may use SCHED_RR (tried on a throwaway thread)."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+        except PermissionError:
+            result.append(False)
+        else:
+            result.append(True)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return result[0]

@@ -63,6 +63,7 @@ def test_version_and_help() -> None:
         "--log-dir",
         "124",
         "128+n",
+        "--no-realtime",
     ):
         assert text in result.stdout
 

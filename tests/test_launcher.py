@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -74,9 +74,10 @@ def launcher(
     *args: str,
     code: str | None = None,
     text: bool = True,
+    wrapper: Sequence[str] = (),
     **kwargs: object,
 ) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "aiotimer", "run", *args]
+    argv = [*wrapper, sys.executable, "-m", "aiotimer", "run", *args]
     if code is not None:
         argv += ["--", sys.executable, "-c", textwrap.dedent(code)]
     env = dict(os.environ, AIOTIMER_LOOP=loop, MARKER=marker, PYTHONPATH=str(ROOT))
@@ -138,11 +139,16 @@ def test_a_hung_worker_that_exits_0_on_sigterm_is_still_a_watchdog_exit(
     assert "rank 0: FAILED, its watchdog fired, then exit status 0" in err
 
 
-def test_realtime_kills_a_hang_and_ranks_run_as_normal_tasks(loop: str, marker: str) -> None:
+@pytest.mark.parametrize("flags", [[], ["--realtime"], ["--no-realtime"]])
+def test_realtime_near_deadlines_by_default_where_permitted_never_for_ranks(
+    loop: str, marker: str, flags: list[str], realtime_permitted: bool
+) -> None:
     proc = launcher(
         loop,
         marker,
-        "--realtime",
+        "--log-level",
+        "info",
+        *flags,
         code="""
             import os, time, aiotimer
             print("policy", os.sched_getscheduler(0), flush=True)
@@ -154,7 +160,37 @@ def test_realtime_kills_a_hang_and_ranks_run_as_normal_tasks(loop: str, marker: 
     assert code == 124, err
     assert f"policy {os.SCHED_OTHER}" in out  # the rank never inherits the priority
     assert "timer 'stuck' expired" in err
-    assert "Traceback" not in err  # permitted or not (then one warning line), the job runs
+    boosted = "real-time near deadlines" in err
+    assert boosted == (realtime_permitted and flags != ["--no-realtime"]), err
+    if not realtime_permitted and flags == ["--realtime"]:
+        assert "WARNING: real-time priority is not permitted" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.parametrize(("flags", "level"), [([], "INFO"), (["--realtime"], "WARNING")])
+def test_without_the_privilege_realtime_is_said_once_and_the_job_runs(
+    loop: str, marker: str, flags: list[str], level: str
+) -> None:
+    # Without CAP_SYS_NICE (and RLIMIT_RTPRIO 0) SCHED_RR is refused, even to root.
+    no_nice = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--"]
+    proc = launcher(
+        loop,
+        marker,
+        "--log-level",
+        "info",
+        *flags,
+        wrapper=no_nice,
+        code="""
+            import time, aiotimer
+            with aiotimer.expires(after=0.3, scope="stuck"):
+                time.sleep(60)
+        """,
+    )
+    code, _, err = finish(proc)
+    assert code == 124, err
+    assert err.count(f"{level}: real-time priority is not permitted") == 1, err
+    assert "real-time near deadlines" not in err and "Traceback" not in err
 
 
 def test_a_rank_that_fails_on_its_own_exits_1(loop: str, marker: str) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import pytest
 
@@ -189,7 +190,7 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
         SignalReaper(grace=-1)
     with pytest.raises(TypeError, match="`clock` must implement"):
         TimerServer(clock=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`realtime` must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="`realtime` must be True, False or 'auto', got 'yes'"):
         TimerServer(realtime="yes")  # type: ignore[arg-type]
 
 
@@ -214,31 +215,12 @@ def _policy() -> int:
     return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
 
 
-def _realtime_permitted() -> bool:
-    """Whether this process may use SCHED_RR (tried on a throwaway thread)."""
-    import threading
-
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
-        except PermissionError:
-            result.append(False)
-        else:
-            result.append(True)
-
-    thread = threading.Thread(target=attempt)
-    thread.start()
-    thread.join()
-    return result[0]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _realtime_permitted(), reason="SCHED_RR is not permitted here")
 async def test_realtime_boosts_the_loop_thread_only_near_a_deadline_and_nothing_it_starts(
-    mock_clock: MockClock, recording_reaper: RecordingReaper
+    mock_clock: MockClock, recording_reaper: RecordingReaper, realtime_permitted: bool
 ) -> None:
+    if not realtime_permitted:
+        pytest.skip("SCHED_RR is not permitted here")
     before = (_policy(), os.getpriority(os.PRIO_PROCESS, 0))
     async with TimerServer(clock=mock_clock, reaper=recording_reaper, realtime=True) as server:
         assert server.realtime and _policy() == before[0]
@@ -267,23 +249,27 @@ async def test_realtime_boosts_the_loop_thread_only_near_a_deadline_and_nothing_
     assert (_policy(), os.getpriority(os.PRIO_PROCESS, 0)) == before  # closing restores it
 
 
-async def test_realtime_not_permitted_warns_and_serves_at_normal_priority(
+@pytest.mark.parametrize(("realtime", "level"), [(True, "WARNING"), ("auto", "INFO")])
+async def test_realtime_not_permitted_is_said_and_serves_at_normal_priority(
     mock_clock: MockClock,
     recording_reaper: RecordingReaper,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    realtime: bool | Literal["auto"],
+    level: str,
 ) -> None:
     def refused() -> tuple[int, int] | None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr("aiotimer._priority.enter_realtime", refused)
+    caplog.set_level("INFO", logger="aiotimer")
     before = _policy()
-    async with TimerServer(clock=mock_clock, reaper=recording_reaper, realtime=True) as server:
+    async with TimerServer(clock=mock_clock, reaper=recording_reaper, realtime=realtime) as server:
         assert not server.realtime
         server.local_channel().acquire(ME, "step", 1.0)
         await mock_clock.advance(0.95)
         assert _policy() == before
         await mock_clock.advance(0.05)
         assert recording_reaper.scopes == [["step"]]
-    (record,) = [r for r in caplog.records if "realtime=True" in r.getMessage()]
-    assert record.levelname == "WARNING" and "CAP_SYS_NICE" in record.getMessage()
+    (record,) = [r for r in caplog.records if "not permitted" in r.getMessage()]
+    assert record.levelname == level and "CAP_SYS_NICE" in record.getMessage()
