@@ -16,7 +16,7 @@ import asyncio
 import gc
 import operator
 import signal as _signal
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from ._clock import Clock
@@ -83,7 +83,16 @@ def _requested_signal(timers: list[Timer]) -> int | None:
 class FollowUps:
     """Reaper calls that go on after the burst: awaited, retried with backoff, timed out."""
 
-    def __init__(self, clock: Clock, counters: Counters, *, attempts: int, timeout: float) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        counters: Counters,
+        *,
+        attempts: int,
+        timeout: float,
+        on_busy: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._on_busy = on_busy  # told when the first follow-up starts and the last ends
         self._clock = clock
         self._counters = counters
         self._attempts = attempts
@@ -121,6 +130,8 @@ class FollowUps:
         coro: Coroutine[Any, Any, None] = self._retry(reaper, expiry, process, pending, attempt)
         task = self._loop.create_task(coro)
         self._tasks.add(task)
+        if len(self._tasks) == 1 and self._on_busy is not None:
+            self._on_busy(True)
         handle = self._clock.call_later(
             self._timeout, lambda: self._timed_out(reaper, expiry, task)
         )
@@ -128,6 +139,8 @@ class FollowUps:
         def done(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
             handle.cancel()
+            if not self._tasks and self._on_busy is not None:
+                self._on_busy(False)
 
         task.add_done_callback(done)
 
@@ -209,6 +222,7 @@ class Killer:
         reaper: Reaper,
         attempts: int,
         timeout: float = 30.0,
+        on_follow_ups: Callable[[bool], None] | None = None,
     ) -> None:
         self._heap = heap
         self._registry = registry
@@ -216,7 +230,9 @@ class Killer:
         self._counters = counters
         self._events = events
         self.reaper = reaper
-        self._follow_ups = FollowUps(clock, counters, attempts=attempts, timeout=timeout)
+        self._follow_ups = FollowUps(
+            clock, counters, attempts=attempts, timeout=timeout, on_busy=on_follow_ups
+        )
         # During a burst: first signals, accounted for once the burst is over.
         self._kill_events: list[tuple[Expiry, int, float]] | None = None
 

@@ -126,14 +126,15 @@ REALTIME_PRIORITY = 1
 def enter_realtime() -> tuple[int, int] | None:
     """Move the calling thread to SCHED_RR; what ``restore_scheduling`` takes back.
 
-    Returns the thread's previous ``(policy, priority)``, or ``None`` if it was
-    real-time already (then nothing is changed).  ``SCHED_RESET_ON_FORK`` goes
-    with it: processes and threads created from this thread start as normal
-    tasks, so a spawned worker never inherits the priority.  Raises
-    ``PermissionError`` without CAP_SYS_NICE or an RLIMIT_RTPRIO of 1 or more.
+    Returns the thread's previous ``(policy, priority)`` (the policy with its
+    ``SCHED_RESET_ON_FORK`` flag, if set), or ``None`` if it was real-time
+    already (then nothing is changed).  ``SCHED_RESET_ON_FORK`` goes with it:
+    processes and threads created from this thread start as normal tasks, so
+    a spawned worker never inherits the priority.  Raises ``PermissionError``
+    without CAP_SYS_NICE or an RLIMIT_RTPRIO of 1 or more.
     """
-    policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
-    if policy in (os.SCHED_FIFO, os.SCHED_RR):
+    policy = os.sched_getscheduler(0)
+    if policy & ~os.SCHED_RESET_ON_FORK in (os.SCHED_FIFO, os.SCHED_RR):
         return None
     previous = (policy, os.sched_getparam(0).sched_priority)
     os.sched_setscheduler(
@@ -143,9 +144,19 @@ def enter_realtime() -> tuple[int, int] | None:
 
 
 def restore_scheduling(previous: tuple[int, int]) -> None:
-    """Put the calling thread back on the policy ``enter_realtime`` returned."""
+    """Put the calling thread back on the policy ``enter_realtime`` returned.
+
+    Clearing ``SCHED_RESET_ON_FORK`` takes CAP_SYS_NICE (a thread that got
+    real-time through RLIMIT_RTPRIO may not): the flag is then kept, which
+    only means that children of a thread with a negative nice start at 0.
+    """
     policy, priority = previous
-    os.sched_setscheduler(0, policy, os.sched_param(priority))
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
+    except PermissionError:
+        if policy & os.SCHED_RESET_ON_FORK:
+            raise
+        os.sched_setscheduler(0, policy | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -7,51 +7,99 @@ a process that only sleeps woke up to 4 ms late (one 250 Hz tick) whatever
 its nice value, and the busy server acted 20-35 ms late.  A real-time thread
 preempts them at once.
 
-Why only near a deadline: a real-time thread that a flood of requests keeps
-busy all the time would take a core for itself, and the kernel then reserves
-normal tasks their share in one block (50 ms in each second), during which
-the server is stopped.  Boosted only from ``LEAD`` before the earliest deadline
-until it is dealt with, the server spends most of a flood at normal priority
-and is never stopped like that; when deadlines are always near it stays boosted.
+Why only near a deadline, and within a budget: a real-time thread that a
+flood of requests keeps busy all the time would take a core for itself, and
+the kernel then reserves normal tasks their share in one block (50 ms in each
+second), during which the server is stopped: kills would be later than at
+normal priority.  So the boost runs from ``LEAD`` before the earliest
+deadline until it has been dealt with (and while a reaper still has a signal
+to send), and a boosted thread that used more than ``BUDGET`` of the CPU over
+the last ``PERIOD`` gives the boost up for ``COOLDOWN``: a client that keeps a
+deadline near and floods the server cannot make it worse off than at normal
+priority.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 
+from ._clock import Cancellable, Clock
 from ._events import logger
 from ._linux import enter_realtime, restore_scheduling
 
-__all__ = ["LEAD", "RealtimeBoost"]
+__all__ = ["BUDGET", "COOLDOWN", "LEAD", "PERIOD", "RealtimeBoost"]
 
 #: How long before the earliest deadline the boost begins.  The alarm that
 #: begins it runs at normal priority: it must come early enough to absorb the
 #: delay the boost is there to avoid (up to ~35 ms, measured as above).
 LEAD = 0.1
+#: How often a boost that goes on checks the CPU it used.
+PERIOD = 0.25
+#: The share of one CPU a boosted thread may use over a ``PERIOD``: well under
+#: the 95% past which the kernel stops real-time threads for 50 ms.
+BUDGET = 0.5
+#: How long a boost given up for using too much CPU stays off.
+COOLDOWN = 1.0
 
 
 class RealtimeBoost:
-    """Moves the calling (loop) thread to SCHED_RR and back, as the scheduler asks.
+    """Moves the calling (loop) thread to SCHED_RR and back, as the server asks.
 
-    ``check()`` once at start: whether the boost is permitted here (it warns if
-    not, and then does nothing).  A thread that already runs real-time is left
-    as it is.
+    ``check()`` once at start: whether the boost is permitted here (it says so
+    if not, and then does nothing).  ``near(bool)`` (the scheduler's approach)
+    and ``following_up(bool)`` (reapers with a signal still to send) each ask
+    for it; it is on while either does, within the CPU budget.  A thread that
+    already runs real-time is left as it is.  ``clock`` schedules the budget
+    checks; ``cpu_time`` reads the thread's CPU time (a test's stand-in).
     """
 
-    __slots__ = ("_previous", "_warn", "active", "permitted")
+    __slots__ = (
+        "_clock",
+        "_cooling",
+        "_cpu_mark",
+        "_cpu_time",
+        "_following_up",
+        "_near",
+        "_previous",
+        "_quiet_until",
+        "_timer",
+        "_warn",
+        "active",
+        "already",
+        "permitted",
+    )
 
-    def __init__(self, *, warn: bool = True) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        warn: bool = True,
+        cpu_time: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self._clock = clock
+        self._cpu_time = cpu_time
         self._warn = warn  # asked for explicitly: say so loudly when refused
         self._previous: tuple[int, int] | None = None
+        self._near = self._following_up = self._cooling = False
+        self._cpu_mark = 0.0
+        self._quiet_until = -math.inf
+        self._timer: Cancellable | None = None
         #: whether this thread may use SCHED_RR (known after ``check()``)
         self.permitted = False
+        #: whether the thread ran real-time before (then it is left alone)
+        self.already = False
         #: whether the thread runs boosted now
         self.active = False
 
     def check(self) -> bool:
-        """Find out, by trying, whether the boost is permitted; warn if not."""
+        """Find out, by trying, whether the boost is permitted; say so if not."""
         try:
             previous = enter_realtime()
+            if previous is not None:
+                restore_scheduling(previous)
         except PermissionError:
             logger.log(
                 logging.WARNING if self._warn else logging.INFO,
@@ -60,18 +108,78 @@ class RealtimeBoost:
             )
             self.permitted = False
             return False
-        if previous is not None:
-            restore_scheduling(previous)
-        self.permitted = True
+        self.already = previous is None
+        self.permitted = not self.already
         return True
 
-    def __call__(self, near: bool) -> None:
-        """Boost (``near``) or go back to the thread's own policy."""
-        if not self.permitted or near == self.active:
+    def near(self, near: bool) -> None:
+        """The earliest deadline came within ``LEAD`` (or none is near any more)."""
+        self._near = near
+        self._apply()
+
+    def following_up(self, busy: bool) -> None:
+        """Reapers have signals still to send (stacks being captured, a grace period)."""
+        self._following_up = busy
+        self._apply()
+
+    def close(self) -> None:
+        """Back to the thread's own policy, for good."""
+        self._near = self._following_up = False
+        self._cancel_timer()
+        self._cooling = False
+        self._apply()
+        self.permitted = False
+
+    def _apply(self) -> None:
+        want = (self._near or self._following_up) and not self._cooling
+        if not self.permitted or want == self.active:
             return
-        if near:
-            self._previous = enter_realtime()
-        elif self._previous is not None:
-            restore_scheduling(self._previous)
-            self._previous = None
-        self.active = near
+        if want:
+            try:
+                self._previous = enter_realtime()
+            except PermissionError:  # refused since check() (a lowered limit, say)
+                logger.warning("real-time priority was refused; serving at normal priority")
+                self.permitted = False
+                return
+            self.active = True
+            self._cpu_mark = self._cpu_time()
+            self._timer = self._clock.call_later(PERIOD, self._check_budget)
+        else:
+            self._cancel_timer()
+            self.active = False
+            previous, self._previous = self._previous, None
+            if previous is not None:
+                restore_scheduling(previous)
+
+    def _check_budget(self) -> None:
+        self._timer = None
+        if not self.active:
+            return
+        used = self._cpu_time() - self._cpu_mark
+        if used <= BUDGET * PERIOD:
+            self._cpu_mark += used
+            self._timer = self._clock.call_later(PERIOD, self._check_budget)
+            return
+        now = self._clock.now()
+        logger.log(
+            logging.WARNING if now >= self._quiet_until else logging.DEBUG,
+            "the server used %.0f%% of a CPU while boosted to real-time; back to normal "
+            "priority for %g s (a flood of requests while a deadline is near)",
+            100 * used / PERIOD,
+            COOLDOWN,
+        )
+        if now >= self._quiet_until:
+            self._quiet_until = now + 60.0  # a sustained flood: one warning a minute
+        self._cooling = True
+        self._apply()
+        self._timer = self._clock.call_later(COOLDOWN, self._cooled_down)
+
+    def _cooled_down(self) -> None:
+        self._timer = None
+        self._cooling = False
+        self._apply()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -33,8 +33,10 @@ class Scheduler:
     ``on_due(now)`` is called, on the loop, with the clock's time once the
     earliest deadline is ``<= now``; ``on_warm_up(deadline)`` shortly before;
     ``on_approach(True)`` once the earliest deadline is ``approach`` seconds away
-    or less, and ``on_approach(False)`` once none is (after an expiry or a
-    release, or on ``stop()``).
+    or less, and ``on_approach(False)`` once none is: seen when the alarm goes
+    off or is re-set (so after a release, at the latest when the alarm set for
+    the released deadline goes off), and on ``stop()``.  The approach alarm
+    counts in ``wakeups`` like the others.
     """
 
     __slots__ = (

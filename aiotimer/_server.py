@@ -221,14 +221,17 @@ class TimerServer:
         registry = self._registry = ProcessRegistry(
             self._process_exited, max_per_channel=settings.per_channel
         )
+        boost = self._boost = (
+            RealtimeBoost(self._clock, warn=realtime is True) if realtime else None
+        )
         killer = self._killer = Killer(
             heap, registry, self._clock, counters, self.events,
             reaper=reaper, attempts=settings.attempts, timeout=settings.timeout,
+            on_follow_ups=None if boost is None else boost.following_up,
         )  # fmt: skip
-        self._boost = RealtimeBoost(warn=realtime is True) if realtime else None
         self._scheduler = Scheduler(
             self._clock, heap, counters, on_due=killer.expire, on_warm_up=killer.warm_up,
-            approach=LEAD, on_approach=self._boost,
+            approach=LEAD, on_approach=None if boost is None else boost.near,
         )  # fmt: skip
         self._transports = _Transports()
         self._dispatcher = Dispatcher(
@@ -280,7 +283,10 @@ class TimerServer:
         if self._incidents is not None:
             self._incidents.open()
         if self._boost is not None and self._boost.check():
-            logger.info("timer server boosts its thread to real-time near deadlines")
+            if self._boost.already:
+                logger.info("timer server thread runs real-time already; left as it is")
+            else:
+                logger.info("timer server boosts its thread to real-time near deadlines")
         self._state = _State.RUNNING
         self._dispatcher.open = True
         self._scheduler.start()
@@ -304,6 +310,8 @@ class TimerServer:
         await self._killer.aclose(
             self._incidents.dump_timeout + 4.0 if self._incidents is not None else 0.0
         )
+        if self._boost is not None:
+            self._boost.close()
         await self._transports.aclose()
         await self._workers.kill_all()
         self._registry.close()

@@ -12,7 +12,7 @@ from typing import Literal
 
 import pytest
 
-from aiotimer import SignalReaper, TimerServer
+from aiotimer import Expiry, SignalReaper, TimerServer
 from aiotimer.testing import MockClock, RecordingReaper, settle
 
 ME = os.getpid()
@@ -247,6 +247,30 @@ async def test_realtime_boosts_the_loop_thread_only_near_a_deadline_and_nothing_
         channel.acquire(ME, "again", mock_clock.now() + 0.05)
         assert _policy() == os.SCHED_RR  # armed within LEAD: boosted at once
     assert (_policy(), os.getpriority(os.PRIO_PROCESS, 0)) == before  # closing restores it
+
+
+@pytest.mark.slow
+async def test_realtime_lasts_until_a_reaper_that_waits_first_has_sent_its_signal(
+    mock_clock: MockClock, realtime_permitted: bool
+) -> None:
+    if not realtime_permitted:
+        pytest.skip("SCHED_RR is not permitted here")
+    policies: list[int] = []
+
+    async def capture_then_kill(expiry: Expiry) -> None:
+        await asyncio.sleep(0.05)  # stacks being captured (real time: the boost's own clock)
+        policies.append(_policy())  # when the kill would be sent
+
+    async with TimerServer(clock=mock_clock, reaper=capture_then_kill, realtime=True) as server:
+        server.local_channel().acquire(ME, "step", 1.0)
+        await mock_clock.advance(1.0)
+        for _ in range(100):
+            if policies:
+                break
+            await asyncio.sleep(0.01)
+        await settle()
+        assert policies == [os.SCHED_RR]
+        assert _policy() == os.SCHED_OTHER  # the reaper is done: back
 
 
 @pytest.mark.parametrize(("realtime", "level"), [(True, "WARNING"), ("auto", "INFO")])

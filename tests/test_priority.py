@@ -1,0 +1,142 @@
+"""RealtimeBoost: when the loop's thread is real-time, on a mock clock with a stand-in CPU clock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from aiotimer import _priority
+from aiotimer._priority import BUDGET, COOLDOWN, PERIOD, RealtimeBoost
+from aiotimer.testing import MockClock
+
+
+class Policy:
+    """Stands in for the thread's scheduling policy: records every switch."""
+
+    def __init__(self, *, already: bool = False, refuse: bool = False) -> None:
+        self.realtime = already
+        self.refuse = refuse
+        self.switches: list[str] = []
+
+    def enter(self) -> tuple[int, int] | None:
+        if self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+        if self.realtime:
+            return None
+        self.realtime = True
+        self.switches.append("rr")
+        return (os.SCHED_OTHER, 0)
+
+    def restore(self, previous: tuple[int, int]) -> None:
+        self.realtime = False
+        self.switches.append("other")
+
+
+@pytest.fixture
+def make(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]]:
+    def build(**policy: bool) -> tuple[RealtimeBoost, Policy, MockClock, list[float]]:
+        fake = Policy(**policy)
+        monkeypatch.setattr(_priority, "enter_realtime", fake.enter)
+        monkeypatch.setattr(_priority, "restore_scheduling", fake.restore)
+        clock = MockClock()
+        cpu = [0.0]
+        boost = RealtimeBoost(clock, cpu_time=lambda: cpu[0])
+        return boost, fake, clock, cpu
+
+    return build
+
+
+async def test_boosted_while_a_deadline_is_near_or_a_reaper_still_has_a_signal_to_send(
+    make: Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]],
+) -> None:
+    boost, policy, _, _ = make()
+    assert boost.check() and policy.switches == ["rr", "other"]  # tried once, put back
+    policy.switches.clear()
+    boost.near(True)
+    boost.following_up(True)  # stacks being captured before the kill
+    boost.near(False)  # the deadline was dealt with: the kill is still to come
+    assert policy.realtime and policy.switches == ["rr"]
+    boost.following_up(False)
+    assert not policy.realtime and policy.switches == ["rr", "other"]
+    boost.near(True)
+    boost.close()
+    assert not policy.realtime and not boost.active
+    boost.near(True)  # closed: nothing more
+    assert not policy.realtime
+
+
+async def test_a_boosted_thread_that_uses_too_much_cpu_gives_the_boost_up_for_a_while(
+    make: Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    boost, policy, clock, cpu = make()
+    boost.check()
+    boost.near(True)
+    cpu[0] += BUDGET * PERIOD * 0.9  # busy, within the budget: kept
+    await clock.advance(PERIOD)
+    assert policy.realtime
+    cpu[0] += BUDGET * PERIOD * 1.5  # a flood while a deadline is kept near
+    await clock.advance(PERIOD)
+    assert not policy.realtime
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    await clock.advance(COOLDOWN)  # still near: boosted again
+    assert policy.realtime
+    cpu[0] += PERIOD  # and again: given up, said at debug level only (a minute apart)
+    await clock.advance(PERIOD)
+    assert not policy.realtime
+    assert [r.levelname for r in caplog.records if r.levelname != "DEBUG"] == ["WARNING"]
+    boost.near(False)
+    await clock.advance(COOLDOWN)
+    assert not policy.realtime  # nothing near when the cooldown ended
+
+
+async def test_a_thread_already_real_time_is_left_alone_and_a_later_refusal_is_said_once(
+    make: Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    boost, policy, _, _ = make(already=True)
+    assert boost.check() and boost.already and not boost.permitted
+    boost.near(True)
+    boost.near(False)
+    assert policy.realtime and policy.switches == []
+
+    boost, policy, _, _ = make()
+    boost.check()
+    policy.refuse = True  # a limit lowered after start, say
+    boost.near(True)
+    boost.near(False)
+    boost.near(True)
+    assert not policy.realtime and not boost.permitted
+    assert [r.getMessage() for r in caplog.records] == [
+        "real-time priority was refused; serving at normal priority"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_restoring_keeps_reset_on_fork_where_clearing_it_is_refused() -> None:
+    # Without CAP_SYS_NICE a thread may set SCHED_RESET_ON_FORK but not clear it (a
+    # thread made real-time through RLIMIT_RTPRIO is in that state when it goes back).
+    code = (
+        "import os\n"
+        "from aiotimer._linux import restore_scheduling\n"
+        "os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))\n"
+        "restore_scheduling((os.SCHED_OTHER, 0))\n"
+        "print(os.sched_getscheduler(0) == os.SCHED_OTHER | os.SCHED_RESET_ON_FORK)\n"
+    )
+    no_nice = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--"]
+    result = subprocess.run(
+        [*no_nice, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
