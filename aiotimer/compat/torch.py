@@ -55,7 +55,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._client import call_site
 from .._clock import monotonic_to_wall
@@ -394,8 +394,10 @@ class _ThreadedServer:
         reaper: Reaper | None,
         kill_self: bool,
         log_event: Callable[[str, Mapping[str, object]], None] | None,
+        realtime: bool | Literal["auto"] = "auto",
     ) -> None:
         self._daemon = daemon
+        self._realtime = realtime
         base = reaper if reaper is not None else SignalReaper()
         self._reaper = _kill_self_after(base) if kill_self else base
         self._log_event = log_event
@@ -409,7 +411,9 @@ class _ThreadedServer:
         self._stopped_at: int | None = None
 
     def _new_server(self) -> _AiotimerServer:
-        return _AiotimerServer(reaper=self._reaper, log_event=self._log_event)
+        return _AiotimerServer(
+            reaper=self._reaper, log_event=self._log_event, realtime=self._realtime
+        )
 
     async def _attach(self, server: _AiotimerServer) -> None:
         """Connect the transport that feeds ``server`` (on the loop thread)."""
@@ -509,7 +513,9 @@ class FileTimerServer(_ThreadedServer):
     a request naming this process itself is refused.  ``reaper`` replaces the
     default (the client's signal, at once, through a pidfd).
     ``kill_self=True`` restores torch 2.13's killing of this process after a
-    reap; the default leaves it alive.
+    reap; the default leaves it alive.  ``realtime``: as ``TimerServer``'s; by
+    default the loop thread (its own) runs real-time near deadlines where
+    permitted.
     """
 
     def __init__(
@@ -523,6 +529,7 @@ class FileTimerServer(_ThreadedServer):
         roots: Iterable[int] = (),
         kill_self: bool = False,
         reaper: Reaper | None = None,
+        realtime: bool | Literal["auto"] = "auto",
     ) -> None:
         check_fifo_path(file_path)
         self._file_path = file_path
@@ -532,7 +539,9 @@ class FileTimerServer(_ThreadedServer):
         self._torch_log_event = log_event
         self._listener: FifoListener | None = None
         hook = self._adapt_event if log_event is not None else None
-        super().__init__(daemon=daemon, reaper=reaper, kill_self=kill_self, log_event=hook)
+        super().__init__(
+            daemon=daemon, reaper=reaper, kill_self=kill_self, log_event=hook, realtime=realtime
+        )
 
     def _adapt_event(self, name: str, info: Mapping[str, object]) -> None:
         assert self._torch_log_event is not None
@@ -607,7 +616,7 @@ class LocalTimerServer(_ThreadedServer):
     Kills expired workers with SIGKILL (through a pidfd), at their deadline.
     ``max_interval`` is accepted for compatibility and unused.  The loop thread
     is always a daemon thread, whatever ``daemon`` says: call ``stop()``.
-    ``roots`` and ``reaper`` are as for ``FileTimerServer``.
+    ``roots``, ``reaper`` and ``realtime`` are as for ``FileTimerServer``.
     """
 
     def __init__(
@@ -618,11 +627,14 @@ class LocalTimerServer(_ThreadedServer):
         *,
         roots: Iterable[int] = (),
         reaper: Reaper | None = None,
+        realtime: bool | Literal["auto"] = "auto",
     ) -> None:
         self._mp_queue = mp_queue
         self._max_interval = max_interval
         self._roots = tuple(roots)
-        super().__init__(daemon=daemon, reaper=reaper, kill_self=False, log_event=None)
+        super().__init__(
+            daemon=daemon, reaper=reaper, kill_self=False, log_event=None, realtime=realtime
+        )
 
     async def _attach(self, server: _AiotimerServer) -> None:
         await bridge_queue(server, self._mp_queue, roots=self._roots)

@@ -23,7 +23,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from _compat_workers import happy_local, put_requests, stuck_local
@@ -442,6 +442,18 @@ def test_start_twice_is_harmless(file_server: compat.FileTimerServer, fifo: str)
     assert threading.active_count() == threads
     assert file_server.server is inner and inner.running
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("realtime", ["auto", False])
+def test_its_own_loop_thread_is_boosted_near_deadlines_where_permitted(
+    fifo: str, realtime_permitted: bool, realtime: bool | Literal["auto"]
+) -> None:
+    server = compat.FileTimerServer(fifo, "run", realtime=realtime)
+    server.start()
+    try:
+        assert server.server.realtime == (realtime_permitted and realtime == "auto")
+    finally:
+        server.stop()
 
 
 def test_stop_before_start_and_twice_is_harmless(fifo: str) -> None:
