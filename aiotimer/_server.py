@@ -327,11 +327,13 @@ class TimerServer:
     def realtime(self) -> bool:
         """Whether the boost was asked for (``True``/``"auto"``) and is permitted (once started).
 
+        Also true if the thread ran real-time already (``chrt``): it is then left as it is.
+
         Then the loop's thread runs SCHED_RR from ``LEAD`` (0.1 s) before the
         earliest deadline until it is dealt with, and at its own priority
         otherwise; threads and processes it starts run as normal tasks.
         """
-        return self._boost is not None and self._boost.permitted
+        return self._boost is not None and (self._boost.permitted or self._boost.already)
 
     async def __aenter__(self) -> TimerServer:
         await self.start()

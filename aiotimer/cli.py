@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
         "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--incident-dir DIR] "
         "[--dump-timeout S] [--observe] [--event-log FILE] [--metrics-port PORT] "
-        "[--metrics-host HOST] [--log-level LEVEL] -- CMD [ARGS...]",
+        "[--metrics-host HOST] [--[no-]realtime] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
         "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
         "aiotimer.expires()/timer() block overruns, and restart the group.",
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
         usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
         "[--incident-dir DIR] [--dump-timeout S] [--observe] [--event-log FILE] "
-        "[--metrics-port PORT] [--metrics-host HOST] [--log-level LEVEL] -- CMD [ARGS...]",
+        "[--metrics-port PORT] [--metrics-host HOST] [--[no-]realtime] [--log-level LEVEL] "
+        "-- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
         "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
         "Exits with CMD's status.",
