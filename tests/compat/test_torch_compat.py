@@ -221,8 +221,7 @@ def test_a_path_that_is_not_a_fifo_is_refused_not_deleted(tmp_path: Path) -> Non
 def test_kill_self_is_opt_in_and_reproduces_torch(tmp_path: Path) -> None:
     code = f"""
         import os, sys, time
-        from aiotimer import RequestRejected
-from aiotimer.compat import torch as compat
+        from aiotimer.compat import torch as compat
         server = compat.FileTimerServer({str(tmp_path / "f")!r}, "run", kill_self=True)
         server.start()
         pid = os.fork()
