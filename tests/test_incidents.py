@@ -185,6 +185,10 @@ def test_torchruns_root_cause_names_the_expired_scope(tmp_path: Path) -> None:
             str(tmp_path / "job.fifo"),
             "--incident-dir",
             str(tmp_path / "incidents"),
+            # py-spy on a torch process takes 0.1-0.25 s here, and 0.7-0.95 s with the
+            # cores busy (a CI run went past the default 1 s): a generous bound.
+            "--dump-timeout",
+            "10",
             "--",
             torchrun,
             "--standalone",
