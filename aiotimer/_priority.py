@@ -95,7 +95,7 @@ class RealtimeBoost:
         self.active = False
 
     def check(self) -> bool:
-        """Find out, by trying, whether the boost is permitted; say so if not."""
+        """Find out, by trying, whether the boost is permitted; say which (info, or warning)."""
         try:
             previous = enter_realtime()
             if previous is not None:
@@ -110,6 +110,10 @@ class RealtimeBoost:
             return False
         self.already = previous is None
         self.permitted = not self.already
+        if self.already:
+            logger.info("timer server thread runs real-time already; left as it is")
+        else:
+            logger.info("timer server boosts its thread to real-time near deadlines")
         return True
 
     def near(self, near: bool) -> None:

@@ -62,6 +62,7 @@ class _Settings:
     timeout: float
     caps: Caps
     per_channel: int | None
+    boost: RealtimeBoost | None
 
 
 def _checked(
@@ -76,12 +77,15 @@ def _checked(
     max_per_channel: int | None,
     incident_dir: str | os.PathLike[str] | None,
     dump_timeout: float,
+    realtime: bool | Literal["auto"],
 ) -> _Settings:
     """Check the arguments (errors name the parameter and its value) and settle the defaults."""
     if reaper is not None and not callable(reaper):
         raise TypeError(f"`reaper` must be callable, got {reaper!r}")
     if clock is not None and not isinstance(clock, Clock):
         raise TypeError(f"`clock` must implement aiotimer.Clock, got {clock!r}")
+    if not isinstance(realtime, bool) and realtime != "auto":
+        raise ValueError(f"`realtime` must be True, False or 'auto', got {realtime!r}")
     if log_event is not None and not callable(log_event):
         raise TypeError(f"`log_event` must be callable, got {log_event!r}")
     reaper = SignalReaper() if reaper is None else reaper
@@ -91,10 +95,11 @@ def _checked(
     if dump_signal is None and (incidents is not None or getattr(reaper, "dump_stacks", False)):
         # Clients register a stack dump only when something will ask for it.
         dump_signal = getattr(reaper, "dump_signal", None)
+    clock = SystemClock() if clock is None else clock
     return _Settings(
         reaper=reaper,
         incidents=incidents,
-        clock=SystemClock() if clock is None else clock,
+        clock=clock,
         dump_signal=None if dump_signal is None else check_signal("dump_signal", dump_signal),
         attempts=check_count("reap_attempts", reap_attempts) or 1,
         timeout=check_seconds("reap_timeout", reap_timeout),
@@ -103,6 +108,8 @@ def _checked(
             check_count("max_scope_chars_per_process", max_scope_chars, optional=True),
         ),
         per_channel=check_count("max_processes_per_channel", max_per_channel, optional=True),
+        # Asked for explicitly (True), a refusal is a warning; "auto" says it at info level.
+        boost=RealtimeBoost(clock, warn=realtime is True) if realtime else None,
     )
 
 
@@ -191,8 +198,6 @@ class TimerServer:
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
         realtime: bool | Literal["auto"] = False,
     ) -> None:
-        if not isinstance(realtime, bool) and realtime != "auto":
-            raise ValueError(f"`realtime` must be True, False or 'auto', got {realtime!r}")
         settings = _checked(
             reaper,
             clock,
@@ -205,6 +210,7 @@ class TimerServer:
             max_processes_per_channel,
             incident_dir,
             dump_timeout,
+            realtime,
         )
         self._clock = settings.clock
         self.dump_signal = settings.dump_signal
@@ -221,9 +227,7 @@ class TimerServer:
         registry = self._registry = ProcessRegistry(
             self._process_exited, max_per_channel=settings.per_channel
         )
-        boost = self._boost = (
-            RealtimeBoost(self._clock, warn=realtime is True) if realtime else None
-        )
+        boost = self._boost = settings.boost
         killer = self._killer = Killer(
             heap, registry, self._clock, counters, self.events,
             reaper=reaper, attempts=settings.attempts, timeout=settings.timeout,
@@ -282,11 +286,8 @@ class TimerServer:
         self._killer.bind(loop)
         if self._incidents is not None:
             self._incidents.open()
-        if self._boost is not None and self._boost.check():
-            if self._boost.already:
-                logger.info("timer server thread runs real-time already; left as it is")
-            else:
-                logger.info("timer server boosts its thread to real-time near deadlines")
+        if self._boost is not None:
+            self._boost.check()
         self._state = _State.RUNNING
         self._dispatcher.open = True
         self._scheduler.start()
@@ -327,11 +328,10 @@ class TimerServer:
     def realtime(self) -> bool:
         """Whether the boost was asked for (``True``/``"auto"``) and is permitted (once started).
 
-        Also true if the thread ran real-time already (``chrt``): it is then left as it is.
-
         Then the loop's thread runs SCHED_RR from ``LEAD`` (0.1 s) before the
         earliest deadline until it is dealt with, and at its own priority
-        otherwise; threads and processes it starts run as normal tasks.
+        otherwise; threads and processes it starts run as normal tasks.  Also
+        true if the thread ran real-time already (``chrt``): it is left as it is.
         """
         return self._boost is not None and (self._boost.permitted or self._boost.already)
 
