@@ -1,5 +1,6 @@
 """An event log for machines: every event as one JSON object per line, flushed as written.
 
+Written by a thread of its own (``_ioplane.Sink``): the watchdog's loop only queues.
 ``JsonEventLog(path)`` is a ``log_event(name, info)`` hook (``TimerServer(log_event=...)``)
 and, through ``subscribe``, a typed-event subscriber.  Each line holds the time,
 the event's name (torch's names plus aiotimer's) and its fields, with the
@@ -14,12 +15,12 @@ import datetime
 import json
 import os
 import signal as _signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
 from ._events import Event, EventBus
+from ._ioplane import DEFAULT_BUDGET, FileSink, Sink
 from ._linux import environ_of
 
 __all__ = ["JsonEventLog"]
@@ -45,11 +46,20 @@ def _plain(value: object) -> object:
     return repr(value)
 
 
+# What one event is taken to weigh against the writer's budget (most lines are shorter).
+_EVENT_BYTES = 512
+
+
 class JsonEventLog:
     """Appends every event to ``path`` (or writes to ``stream``) as a JSON line, flushed.
 
-    ``rank_of(pid)`` says a process's rank; by default the ``RANK`` in its
-    environment (read once per process, while it is alive).
+    Lines are written by a writer thread of its own (the I/O plane): a slow
+    disk, or a FIFO nobody reads, never holds the watchdog's loop; when the
+    writer falls ``budget`` bytes behind, events are dropped, counted
+    (``dropped``) and warned about.  ``flush()`` waits for what is queued.
+    ``rank_of(pid)`` says a process's rank (called on the loop: it must not
+    block); by default the ``RANK`` in its environment, read once per process
+    in the writer thread.
     """
 
     def __init__(
@@ -58,26 +68,30 @@ class JsonEventLog:
         *,
         stream: IO[str] | None = None,
         rank_of: Callable[[int], str | None] | None = None,
+        budget: int = DEFAULT_BUDGET,
     ) -> None:
         if (path is None) == (stream is None):
             raise ValueError("give `path` or `stream`, exactly one of them")
-        self.path = None if path is None else os.fspath(path)
-        self._stream: IO[str] = (
-            stream
-            if stream is not None
-            else open(  # noqa: SIM115
-                self.path,  # type: ignore[arg-type]
-                "a",
-                buffering=1,
-            )
-        )
-        self._owns = stream is None
-        self._rank_of = rank_of or self._rank_from_environ
-        self._ranks: dict[int, str | None] = {}
-        self._lock = threading.Lock()
+        self.path = None if path is None else os.path.abspath(os.fspath(path))
+        if self.path is not None and not os.path.isdir(os.path.dirname(self.path)):
+            raise ValueError(f"`path` {self.path!r}: its directory does not exist")
+        self._stream = stream
+        self._rank_of = rank_of
+        self._ranks: dict[int, str | None] = {}  # the writer thread's alone
+        if self.path is not None:
+            self._files: FileSink | None = FileSink(f"event log {self.path}", budget=budget)
+            self._sink: Sink = self._files
+        else:
+            self._files = None
+            self._sink = Sink("event log", budget=budget)
 
     def __repr__(self) -> str:
         return f"JsonEventLog({self.path!r})"
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the writer fell too far behind."""
+        return self._sink.dropped_jobs
 
     def _rank_from_environ(self, pid: int) -> str | None:
         if pid not in self._ranks:
@@ -93,19 +107,23 @@ class JsonEventLog:
         self(event.name, event.info())
 
     def __call__(self, name: str, info: Mapping[str, object]) -> None:
-        """Log one event (the ``log_event(name, info)`` hook)."""
+        """Log one event (the ``log_event(name, info)`` hook); never blocks."""
         record: dict[str, object] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
             "unix_time": time.time(),
             "event": name,
         }
+        whose: int | None = None
         pid = info.get("pid")
         if isinstance(pid, int):
             record["pid"] = pid
             worker = info.get("worker_pid")
-            rank = self._rank_of(worker if isinstance(worker, int) else pid)
-            if rank is not None:
-                record["rank"] = rank
+            whose = worker if isinstance(worker, int) else pid
+            if self._rank_of is not None:
+                rank = self._rank_of(whose)
+                if rank is not None:
+                    record["rank"] = rank
+                whose = None
         if "scope" in info:
             record["scope"] = info["scope"]
         elif isinstance(info.get("scopes"), list) and info["scopes"]:
@@ -121,12 +139,27 @@ class JsonEventLog:
         for key, value in info.items():
             if key not in record and key not in ("worker",):
                 record[key] = _plain(value)
+        self._sink.submit(lambda: self._write(record, whose), _EVENT_BYTES)
+
+    def _write(self, record: dict[str, object], whose: int | None) -> None:
+        """In the writer thread: the rank from ``/proc`` if needed, then the line."""
+        if whose is not None:
+            rank = self._rank_from_environ(whose)
+            if rank is not None:
+                record["rank"] = rank
         line = json.dumps(record, default=repr) + "\n"
-        with self._lock:
+        if self._files is not None:
+            assert self.path is not None
+            self._files._append(self.path, line.encode())
+        else:
+            assert self._stream is not None
             self._stream.write(line)
             self._stream.flush()
 
-    def close(self) -> None:
-        """Close the file (if this log opened it)."""
-        if self._owns and not self._stream.closed:
-            self._stream.close()
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait up to ``timeout`` seconds for queued lines to be written; whether they were."""
+        return self._sink.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for up to ``timeout`` seconds), then close the file if ours."""
+        self._sink.close(timeout)

@@ -18,6 +18,7 @@ On an expiry, ``IncidentReaper`` works in steps (the escalation tiers):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
 import json
@@ -35,6 +36,7 @@ from typing import Any
 from ._clock import monotonic_to_wall
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
+from ._ioplane import run_blocking
 from ._linux import environ_of
 from ._reapers import SignalReaper
 from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy
@@ -51,6 +53,8 @@ _OTHERS_EXTRA = 2.0
 _OTHERS_MAX = 32
 # A capture started this recently is shared with any incident that wants it.
 _SHARE_FOR = 2.0
+# Most bytes of a /proc file (cmdline) read: a process controls its own.
+_PROC_BYTES = 64 * 1024
 _seq = itertools.count(1)
 
 
@@ -60,11 +64,33 @@ def _iso(wall: float) -> str:
 
 
 def _cmdline(pid: int) -> list[str]:
+    """``pid``'s command line (at most ``_PROC_BYTES`` of it).  Blocks: the I/O plane's."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(_PROC_BYTES)
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What ``/proc`` says of a process, read in the I/O plane (it can block on the process)."""
+
+    rank: str | None = None
+    local_rank: str | None = None
+    command: tuple[str, ...] = ()
+    torch_error_file: str | None = None
+
+
+def _facts(pid: int) -> _Facts:
+    env = environ_of(pid)
+    return _Facts(
+        env.get("RANK"),
+        env.get("LOCAL_RANK"),
+        tuple(_cmdline(pid)),
+        env.get("TORCHELASTIC_ERROR_FILE"),
+    )
 
 
 def _signame(sig: int) -> str:
@@ -196,9 +222,18 @@ class IncidentRecorder:
 
     @staticmethod
     def _replace(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        # A random name, created exclusively: a file or symlink put there
+        # beforehand is never written through.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def write_torch_error_file(path: str, incident: Incident) -> bool:
@@ -225,7 +260,8 @@ def write_torch_error_file(path: str, incident: Incident) -> bool:
         }
     }
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o644)
     except FileExistsError:
         return False
     except OSError as exc:
@@ -324,20 +360,16 @@ class IncidentReaper:
         return self._run(expiry)
 
     def _start(self, expiry: Expiry) -> Incident:
+        """The incident's facts that need no I/O (``/proc`` is read in the I/O plane)."""
         clock = expiry.clock
         now = clock.now()
-        env = environ_of(expiry.pid)
         return Incident(
             pid=expiry.pid,
             scopes=expiry.scopes(100),
             time=monotonic_to_wall(clock, now),
             deadline=monotonic_to_wall(clock, expiry.deadline),
             lateness=now - expiry.deadline,
-            rank=env.get("RANK"),
-            local_rank=env.get("LOCAL_RANK"),
-            command=_cmdline(expiry.pid),
             worker_pid=expiry.worker_pid,
-            torch_error_file=env.get("TORCHELASTIC_ERROR_FILE"),
             observe=self.observe,
         )
 
@@ -371,31 +403,84 @@ class IncidentReaper:
         return task
 
     async def _capture_others(self, pid: int, timeout: float) -> list[dict[str, object]]:
-        pids = [p for p in (self.related() if self.related else ()) if p != pid][:_OTHERS_MAX]
+        related = self.related
+        # related() scans /proc for descendants: the I/O plane's work.
+        found = await asyncio.wait_for(run_blocking(related), timeout) if related else ()
+        pids = [p for p in found if p != pid][:_OTHERS_MAX]
         tasks = [(other, self._capture(other, timeout)) for other in pids]
+        facts = {other: asyncio.ensure_future(run_blocking(_facts, other)) for other in pids}
         others: list[dict[str, object]] = []
         for other, task in tasks:
             try:
                 stacks = await asyncio.wait_for(asyncio.shield(task), timeout)
             except TimeoutError:
                 stacks = Stacks(other, reason=f"not captured within {timeout:.3g}s")
-            env = environ_of(other)
+            try:
+                known = await asyncio.wait_for(facts[other], 1.0)
+            except (TimeoutError, OSError):
+                known = _Facts()
             others.append(
                 {
                     "pid": other,
-                    "rank": env.get("RANK"),
-                    "command": _cmdline(other),
+                    "rank": known.rank,
+                    "command": list(known.command),
                     "stacks": stacks.to_dict(),
                 }
             )
         return others
 
     async def _run(self, expiry: Expiry) -> None:
-        incident = self._start(expiry)
+        """Capture, write torch's error file, kill; then record.  The kill always happens.
+
+        Capture is best effort and bounded: whatever it does (runs out of
+        time, fails, raises ``MemoryError``), the kill goes out at the latest
+        ``dump_timeout`` after the deadline.  Files are written in the I/O
+        plane; only the error file is waited for before the kill (torchrun
+        reads it when the worker dies), and no longer than the same bound.
+        """
         clock = expiry.clock
-        budget = max(0.0, expiry.deadline + self.dump_timeout - clock.now())
+        incident = self._start(expiry)
         others: asyncio.Task[list[dict[str, object]]] | None = None
+        try:
+            others = await self._before_kill(expiry, incident)
+        except Exception:  # best effort: the kill goes out whatever went wrong here
+            logger.exception("preparing the incident of pid %d failed; killing it", expiry.pid)
+        follow_up: object = None
+        if self.observe:
+            incident.actions.append({"step": "observe", "text": "observe mode: no signal sent"})
+        elif not expiry.exited:
+            follow_up = self.kill(expiry)
+        self._note_signals(incident, expiry)
+        if others is not None:
+            try:
+                bound = max(0.0, expiry.deadline + self.dump_timeout - clock.now())
+                incident.others = await asyncio.wait_for(others, bound + _OTHERS_EXTRA + 1.0)
+            except TimeoutError:
+                logger.warning("capturing the other processes of pid %d took too long", expiry.pid)
+            except Exception:
+                logger.exception("capturing the other processes of pid %d failed", expiry.pid)
+        await self._record(incident)
+        if isinstance(follow_up, Awaitable):
+            try:
+                await follow_up
+            finally:
+                if self._note_signals(incident, expiry):
+                    await self._record(incident, again=True)
+
+    async def _before_kill(
+        self, expiry: Expiry, incident: Incident
+    ) -> asyncio.Task[list[dict[str, object]]] | None:
+        """Capture the stacks, read ``/proc``, write torch's error file: all within the bound."""
+        clock = expiry.clock
+        end = expiry.deadline + self.dump_timeout
+
+        def left() -> float:
+            return max(0.0, end - clock.now())
+
+        facts = asyncio.ensure_future(run_blocking(_facts, expiry.pid))
+        others = None
         if self.dump_timeout > 0:
+            budget = left()
             main = self._capture(expiry.pid, budget, expiry)
             others = asyncio.ensure_future(self._capture_others(expiry.pid, budget + _OTHERS_EXTRA))
             # The bound holds whatever the capture does: the kill is never later
@@ -417,32 +502,39 @@ class IncidentReaper:
                     else f"no stacks: {incident.stacks.reason}",
                 }
             )
+        try:
+            known = await asyncio.wait_for(asyncio.shield(facts), left())
+        except TimeoutError:
+            facts.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return others
+        incident.rank, incident.local_rank = known.rank, known.local_rank
+        incident.command = list(known.command)
+        incident.torch_error_file = known.torch_error_file
+        files = asyncio.ensure_future(run_blocking(self._write_error_file, incident))
+        try:
+            wrote = await asyncio.wait_for(asyncio.shield(files), left())
+        except TimeoutError:
+            # Written later (or never, if the disk is stuck): the kill does not wait.
+            logger.warning("torch's error file for pid %d was not written in time", expiry.pid)
+            files.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return others
+        if wrote:
+            incident.actions.append(
+                {"step": "torch error file", "text": f"wrote {incident.torch_error_file}"}
+            )
+        return others
+
+    def _write_error_file(self, incident: Incident) -> bool:
+        """Claim the incident's file and write torch's error file.  Blocks: the I/O plane's."""
         if self.recorder is not None:
             try:  # its path goes into torch's error file
                 self.recorder.claim(incident)
             except OSError as exc:
                 logger.error("cannot write incidents into %s: %s", self.recorder.directory, exc)
         error_file = incident.torch_error_file
-        if error_file and not self.observe and write_torch_error_file(error_file, incident):
-            incident.actions.append({"step": "torch error file", "text": f"wrote {error_file}"})
-        follow_up: object = None
-        if self.observe:
-            incident.actions.append({"step": "observe", "text": "observe mode: no signal sent"})
-        elif not expiry.exited:
-            follow_up = self.kill(expiry)
-        self._note_signals(incident, expiry)
-        if others is not None:
-            try:
-                incident.others = await asyncio.wait_for(others, budget + _OTHERS_EXTRA + 1.0)
-            except TimeoutError:
-                logger.warning("capturing the other processes of pid %d took too long", expiry.pid)
-        self._record(incident)
-        if isinstance(follow_up, Awaitable):
-            try:
-                await follow_up
-            finally:
-                if self._note_signals(incident, expiry):
-                    self._record(incident, again=True)
+        if not error_file or self.observe:
+            return False
+        return write_torch_error_file(error_file, incident)
 
     def _note_signals(self, incident: Incident, expiry: Expiry) -> bool:
         """Add the signals sent since last noted to the incident; whether there were any."""
@@ -462,15 +554,18 @@ class IncidentReaper:
             )
         return bool(new)
 
-    def _record(self, incident: Incident, *, again: bool = False) -> None:
+    async def _record(self, incident: Incident, *, again: bool = False) -> None:
+        """Write ``incident`` (in the I/O plane), then report it."""
         if not again:
             self.incidents.append(incident)
         if self.recorder is not None:
             try:
-                self.recorder.write(incident)
-            except OSError as exc:
+                await run_blocking(self.recorder.write, incident)
+            except Exception as exc:  # a full or unwritable disk costs the file, nothing else
                 logger.error("cannot write the incident of pid %d: %s", incident.pid, exc)
-                return
+                if again:
+                    return
+                incident.path = None  # reported without a file
         if not again and self.on_incident is not None:
             self.on_incident(incident)
         if not again:

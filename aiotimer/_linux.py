@@ -212,11 +212,19 @@ def monotonic_offset(pid: int | str = "self") -> float | None:
     return 0.0
 
 
+# Most bytes of an environment read (the kernel's own cap on exec arguments is of this order).
+_ENVIRON_BYTES = 2 << 20
+
+
 def environ_of(pid: int) -> dict[str, str]:
-    """The environment ``pid`` was started with (``/proc/PID/environ``); empty if unreadable."""
+    """The environment ``pid`` was started with (``/proc/PID/environ``); empty if unreadable.
+
+    Bounded, but it can block (the kernel reads the process's memory): off the
+    watchdog's loop, call it through ``_ioplane.run_blocking``.
+    """
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
+            raw = f.read(_ENVIRON_BYTES)
     except OSError:
         return {}
     env: dict[str, str] = {}

@@ -14,20 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
+import stat
+import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._ioplane import run_blocking
+from ._linux import process_uid
 from ._protocol import dump_file_name
 
 __all__ = [
     "ENV_PY_SPY",
+    "MAX_DUMP_BYTES",
+    "MAX_PY_SPY_BYTES",
     "Frame",
     "Stacks",
     "Thread",
@@ -35,10 +45,15 @@ __all__ = [
     "dump_file",
     "find_py_spy",
     "parse_faulthandler",
+    "py_spy_candidates",
 ]
 
 #: Environment variable: the py-spy binary to use ("" disables py-spy).
 ENV_PY_SPY = "AIOTIMER_PY_SPY"
+#: Most bytes of a client's faulthandler dump read into an incident (the rest is cut).
+MAX_DUMP_BYTES = 1 << 20
+#: Most bytes of py-spy's JSON parsed (a bigger document is refused, not parsed).
+MAX_PY_SPY_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -108,12 +123,35 @@ class Stacks:
         }
 
 
+def py_spy_candidates() -> list[str]:
+    """Where py-spy is looked for, in order: beside the interpreter, its scripts dir, PATH.
+
+    A venv's binaries are often called without activating the venv (systemd
+    units, Slurm scripts): then PATH does not name the venv, but py-spy is
+    installed beside the interpreter running aiotimer.
+    """
+    places = [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    places += os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return list(dict.fromkeys(p for p in places if p))
+
+
 def find_py_spy() -> str | None:
-    """The py-spy binary: ``AIOTIMER_PY_SPY`` if set ("" for none), else the one on PATH."""
+    """The py-spy binary: ``AIOTIMER_PY_SPY`` if set ("" for none), else the first found."""
     configured = os.environ.get(ENV_PY_SPY)
     if configured is not None:
         return configured or None
-    return shutil.which("py-spy")
+    return shutil.which("py-spy", path=os.pathsep.join(py_spy_candidates()))
+
+
+def _py_spy_missing() -> str:
+    configured = os.environ.get(ENV_PY_SPY)
+    if configured is not None:
+        return f"py-spy is not available ({ENV_PY_SPY} is empty: turned off)"
+    looked = ", ".join(py_spy_candidates()[:3])
+    return (
+        f"py-spy is not available (looked beside the interpreter and on PATH: {looked}, ...; "
+        "pip install py-spy)"
+    )
 
 
 def _format(threads: list[Thread]) -> str:
@@ -157,31 +195,72 @@ def _from_py_spy(data: object) -> list[Thread]:
     return threads
 
 
+def _run_py_spy(argv: list[str], timeout: float) -> tuple[int, bytes, bytes, bool]:
+    """Run py-spy for at most ``timeout`` seconds: exit status, stdout, stderr, stdout too big.
+
+    Blocks (fork, exec, reads): the I/O plane's.  Forking a big launcher (one
+    that imported torch) takes tens of milliseconds, which the loop must not
+    spend.  py-spy runs in a session of its own, killed whole on a timeout;
+    its output is kept up to ``MAX_PY_SPY_BYTES`` and the rest read and dropped.
+    """
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    kept = {out_fd: bytearray(), err_fd: bytearray()}
+    limits = {out_fd: MAX_PY_SPY_BYTES + 1, err_fd: 4096}
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as selector:
+            for pipe in (proc.stdout, proc.stderr):
+                selector.register(pipe, selectors.EVENT_READ)
+            while selector.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                for key, _ in selector.select(left):
+                    fd = key.fd
+                    chunk = os.read(fd, 64 * 1024)
+                    if not chunk:
+                        selector.unregister(fd)
+                        continue
+                    room = limits[fd] - len(kept[fd])
+                    kept[fd] += chunk[: max(room, 0)]
+        status = proc.wait(max(0.0, deadline - time.monotonic()))
+    except (TimeoutError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise TimeoutError from None
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    out = bytes(kept[out_fd])
+    return status, out[:MAX_PY_SPY_BYTES], bytes(kept[err_fd]), len(out) > MAX_PY_SPY_BYTES
+
+
+def _parse_py_spy(out: bytes) -> tuple[list[Thread], str]:
+    threads = _from_py_spy(json.loads(out))
+    return threads, _format(threads)
+
+
 async def _py_spy(binary: str, pid: int, timeout: float, native: bool) -> tuple[list[Thread], str]:
     argv = [binary, "dump", "--pid", str(pid), "--json"]
     if native:
         argv.append("--native")
-    # A session of its own, so that what it started goes with it on a timeout.
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        # Read its pipes to their end as well as waiting: on uvloop a pipe
-        # left open outlives the process and the loop cannot close.
-        await proc.communicate()
-        raise
-    if proc.returncode != 0:
+    status, out, err, over = await run_blocking(_run_py_spy, argv, timeout)
+    if status != 0:
         message = err.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(message[0] if message else f"py-spy exited {proc.returncode}")
-    threads = _from_py_spy(json.loads(out))
-    return threads, _format(threads)
+        raise RuntimeError(message[0] if message else f"py-spy exited {status}")
+    if over:
+        raise RuntimeError(f"py-spy printed over {MAX_PY_SPY_BYTES} bytes; not parsed")
+    # Parsed in the I/O plane too: a big document would hold the loop for milliseconds.
+    return await run_blocking(_parse_py_spy, out)
 
 
 # "Thread 0x00007f... (most recent call first):" then '  File "x.py", line 3 in f'
@@ -215,26 +294,83 @@ def dump_file(directory: str | os.PathLike[str], pid: int) -> Path:
     return Path(directory) / dump_file_name(pid)
 
 
+class _DumpFile:
+    """A client's dump file, opened so that nothing the client put there can block or flood us.
+
+    ``O_NONBLOCK`` (a FIFO there opens at once, and is then refused),
+    ``O_NOFOLLOW`` (a symlink is refused), then it must be a regular file owned
+    by ``uid``; it is read from an offset, at most ``MAX_DUMP_BYTES``.  Every
+    method blocks (a syscall on a file): call them through ``run_blocking``.
+    """
+
+    def __init__(self, path: Path, uid: int | None) -> None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise RuntimeError(f"no dump file at {path}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RuntimeError(f"{path} is a symlink; not followed") from None
+            raise RuntimeError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(self.fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RuntimeError(f"{path} is not a regular file; not read")
+            if uid is not None and info.st_uid != uid:
+                raise RuntimeError(
+                    f"{path} belongs to uid {info.st_uid}, not to the process's uid {uid}; not read"
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def size(self) -> int:
+        """Its size now."""
+        return os.fstat(self.fd).st_size
+
+    def read(self, offset: int) -> tuple[str, bool]:
+        """Its text from ``offset``, at most ``MAX_DUMP_BYTES``; whether there was more."""
+        data = os.pread(self.fd, MAX_DUMP_BYTES + 1, offset)
+        over = len(data) > MAX_DUMP_BYTES
+        return data[:MAX_DUMP_BYTES].decode(errors="replace"), over
+
+    def close(self) -> None:
+        """Close it."""
+        os.close(self.fd)
+
+
+def _parse_dump(text: str, truncated: bool) -> tuple[list[Thread], str]:
+    threads = parse_faulthandler(text)
+    if truncated:
+        text += f"\n[aiotimer: the dump was cut at {MAX_DUMP_BYTES} bytes]\n"
+    return threads, text
+
+
 async def _faulthandler(
     pid: int, dump_signal: int, path: Path, timeout: float, send: Callable[[int], bool]
 ) -> tuple[list[Thread], str]:
-    before = path.stat().st_size if path.exists() else 0
-    if not send(dump_signal):
-        raise RuntimeError(f"pid {pid} has exited")
-    deadline = time.monotonic() + timeout
-    size = before
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-        now = path.stat().st_size if path.exists() else 0
-        if now > before and now == size:  # grew, and stopped growing: the dump is complete
-            break
-        size = now
-    with path.open("rb") as f:
-        f.seek(before)
-        text = f.read().decode(errors="replace")
+    # Every file operation in the I/O plane: the client controls what is at
+    # ``path`` (a FIFO, a symlink, a file of gigabytes), the loop must not care.
+    uid = await run_blocking(process_uid, pid)
+    dump = await run_blocking(_DumpFile, path, uid)
+    try:
+        before = size = await run_blocking(dump.size)
+        if not send(dump_signal):
+            raise RuntimeError(f"pid {pid} has exited")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            now = await run_blocking(dump.size)
+            if now > before and now == size:  # grew, and stopped growing: the dump is complete
+                break
+            size = now
+        text, truncated = await run_blocking(dump.read, before)
+    finally:
+        await run_blocking(dump.close)
     if not text:
         raise RuntimeError(f"pid {pid} wrote no stack dump within {timeout:g}s")
-    return parse_faulthandler(text), text
+    return await run_blocking(_parse_dump, text, truncated)
 
 
 async def capture_stacks(
@@ -259,15 +395,15 @@ async def capture_stacks(
         result.reason = "no time left to capture stacks"
         return result
     if binary is None:
-        reasons.append("py-spy is not available (pip install py-spy)")
+        reasons.append(_py_spy_missing())
     else:
         try:
             result.threads, result.raw = await _py_spy(binary, pid, timeout, native)
             result.method = "py-spy"
         except TimeoutError:
             reasons.append(f"py-spy took longer than {timeout:.3g}s")
-        except (OSError, RuntimeError, ValueError) as exc:
-            reasons.append(f"py-spy failed: {exc}")
+        except Exception as exc:  # MemoryError included: a capture never raises
+            reasons.append(f"py-spy failed: {exc!r}" if not str(exc) else f"py-spy failed: {exc}")
     left = timeout - (time.monotonic() - started)
     if not result.ok and dump_signal > 0 and dump_path is not None and send is not None:
         if left <= 0:
@@ -276,7 +412,9 @@ async def capture_stacks(
             try:
                 threads, raw = await _faulthandler(pid, dump_signal, dump_path, left, send)
                 result.threads, result.raw, result.method = threads, raw, "faulthandler"
-            except (OSError, RuntimeError) as exc:
+            except TimeoutError:
+                reasons.append(f"faulthandler: no dump within {left:.3g}s")
+            except Exception as exc:  # MemoryError included: a capture never raises
                 reasons.append(f"faulthandler: {exc}")
     elif not result.ok:
         reasons.append(

@@ -17,10 +17,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, NoReturn
 
 from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
+from ._ioplane import SinkHandler, StreamSink
 from ._loops import loop_factory, pidfd_child_watcher
 from ._reapers import SignalReaper
 from ._validate import check_seconds, check_signal
-from .launcher import EXIT_USAGE, Job, UsageError, serve_command
+from .launcher import EXIT_USAGE, Job, Output, UsageError, serve_command
 
 __all__ = ["build_parser", "main"]
 
@@ -268,14 +269,40 @@ class _NotShownAsEvent(logging.Filter):
         return not getattr(record, "aiotimer_event", False)
 
 
-def _configure_logging(level: str, *, events_printed: bool) -> None:
-    handler = logging.StreamHandler()
+def _configure_logging(level: str, *, events_printed: bool, sink: StreamSink) -> None:
+    # Through a writer thread: a stalled terminal holds back log lines, never a kill.
+    handler = SinkHandler(sink)
     handler.setFormatter(logging.Formatter("aiotimer %(levelname)s: %(message)s"))
     if events_printed:
         handler.addFilter(_NotShownAsEvent())
     log = logging.getLogger("aiotimer")
     log.addHandler(handler)
     log.setLevel(level)
+
+
+def _check_writable_dir(path: str, flag: str) -> None:
+    """``UsageError`` (one line, exit 2) unless files can be made in ``path`` (or it can be made).
+
+    Checked at start, so a mistake costs one line now rather than the stacks
+    or the output of the first hang; a disk that fills later costs a warning
+    and the data, never the job.
+    """
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise UsageError(f"{flag} {path}: not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(dir=target, prefix=".aiotimer-probe-")
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+        os.close(fd)
+        os.unlink(probe)
+        return
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot create it ({parent} is not writable)")
 
 
 def _realtime(flag: bool | None) -> bool | Literal["auto"]:
@@ -320,6 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"into its incident in {args.incident_dir}/ (--dump-timeout 0 turns capture off)",
             file=sys.stderr,
         )
+    try:
+        if args.dump_timeout > 0 or args.incident_dir != "aiotimer-incidents":
+            _check_writable_dir(args.incident_dir, "--incident-dir")
+        if getattr(args, "log_dir", None):
+            _check_writable_dir(args.log_dir, "--log-dir")
+        if args.event_log:
+            _check_writable_dir(os.path.dirname(os.path.abspath(args.event_log)), "--event-log")
+    except UsageError as exc:
+        sub.exit(EXIT_USAGE, f"{sub.prog}: error: {exc}\n")
     reaper = IncidentReaper(
         args.incident_dir,
         kill=SignalReaper(args.signal, grace=args.grace),
@@ -328,9 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            _configure_logging(args.log_level, events_printed=False)
+            err = StreamSink("stderr", sys.stderr.buffer)
+            _configure_logging(args.log_level, events_printed=False, sink=err)
             fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
-            return _run(
+            served = _run(
                 serve_command(
                     cmd,
                     fifo=fifo,
@@ -342,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     realtime=_realtime(args.realtime),
                 )
             )
-        _configure_logging(args.log_level, events_printed=True)
+            err.close()
+            return served
+        output = Output(sys.stdout.buffer, sys.stderr.buffer)
+        _configure_logging(args.log_level, events_printed=True, sink=output.err)
         job = Job(
             cmd,
             nprocs=args.nprocs,
@@ -355,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             realtime=_realtime(args.realtime),
+            output=output,
         )
         status = _run(job.run())
         if job.output.closed:

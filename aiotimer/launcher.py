@@ -47,6 +47,7 @@ from ._events import (
     TimerExpired,
 )
 from ._expiry import Reaper
+from ._ioplane import FileSink, StreamSink, run_blocking
 from ._linux import become_subreaper, descendants, environ_of, live_processes
 from ._server import TimerServer
 from ._workers import Worker
@@ -149,31 +150,56 @@ class RankResult:
 class Output:
     """Where the launcher writes: worker stdout to ``out``; worker stderr, its own lines to ``err``.
 
-    ``on_closed`` is called once if ``out`` is closed under it (``| head``).
+    Each stream is written by a writer thread of its own (``_ioplane.StreamSink``):
+    a terminal that stops reading (Ctrl-S, a slow ``| tee``, a blocking log
+    driver) holds back output, never the watchdog.  What does not fit in a
+    stream's budget is dropped, counted and warned about (``--log-dir`` keeps
+    every byte).  ``on_closed`` (given to ``bind``) is called once, on the
+    loop, if ``out`` is closed under it (``| head``).
     """
 
-    def __init__(self, out: BinaryIO, err: BinaryIO, on_closed: Callable[[], None]) -> None:
-        self._out = out
-        self._err = err
+    def __init__(self, out: BinaryIO, err: BinaryIO) -> None:
+        self._on_closed: Callable[[], None] = lambda: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.out = StreamSink("stdout", out, on_broken=self._broken)
+        self.err = StreamSink("stderr", err)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``out``'s reader has gone."""
+        return self.out.broken
+
+    @property
+    def dropped(self) -> int:
+        """Bytes dropped because a stream did not keep up."""
+        return self.out.dropped_bytes + self.err.dropped_bytes
+
+    def bind(self, loop: asyncio.AbstractEventLoop, on_closed: Callable[[], None]) -> None:
+        """Report a closed ``out`` on ``loop``, by calling ``on_closed``."""
+        self._loop = loop
         self._on_closed = on_closed
-        self.closed = False
+        if self.out.broken:
+            loop.call_soon(self._on_closed)
+
+    def _broken(self) -> None:  # in the writer thread
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+                loop.call_soon_threadsafe(self._on_closed)
 
     def write(self, to_err: bool, data: bytes) -> None:
-        """Write worker output."""
-        stream = self._err if to_err else self._out
-        if self.closed and not to_err:
-            return
-        try:
-            stream.write(data)
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            if not to_err and not self.closed:
-                self.closed = True
-                self._on_closed()
+        """Queue worker output; never blocks."""
+        (self.err if to_err else self.out).write(data)
 
     def say(self, text: str) -> None:
         """One line of the launcher's own."""
-        self.write(True, f"aiotimer: {text}\n".encode())
+        self.err.write(f"aiotimer: {text}\n".encode())
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Write what is queued, for up to ``timeout`` seconds in all.  Blocks."""
+        end = time.monotonic() + timeout
+        self.out.close(timeout)
+        self.err.close(max(0.0, end - time.monotonic()))
 
 
 class _Relay:
@@ -181,17 +207,26 @@ class _Relay:
 
     A chunk's unfinished last line (no ``\\n`` or ``\\r`` yet) is held back until
     the next chunk or a short quiet spell, so one rank's line is seldom split by
-    another's; a line longer than a chunk passes through in pieces.
+    another's; a line longer than a chunk passes through in pieces.  With a
+    log file, every chunk is also appended to it (by ``logs``, a writer thread).
     """
 
     #: How long an unfinished line waits for its end before it is written as it is.
     HOLD = 0.02
 
-    def __init__(self, output: Output, prefix: bytes, to_err: bool, log: Path | None) -> None:
+    def __init__(
+        self,
+        output: Output,
+        prefix: bytes,
+        to_err: bool,
+        log: Path | None,
+        logs: FileSink | None = None,
+    ) -> None:
         self._output = output
         self._prefix = prefix
         self._to_err = to_err
-        self._log = log
+        self._log = log if logs is not None else None
+        self._logs = logs
         self._at_line_start = True
         self._held = b""
 
@@ -207,13 +242,11 @@ class _Relay:
         self._output.write(self._to_err, b"".join(pieces))
 
     async def run(self, stream: asyncio.StreamReader | None) -> None:
-        """Relay ``stream`` until its end of file."""
+        """Relay ``stream`` until its end of file (the worker's writes never wait for ours)."""
         if stream is None:
             return
-        log = None
-        if self._log is not None:
-            self._log.parent.mkdir(parents=True, exist_ok=True)
-            log = self._log.open("ab")
+        if self._logs is not None and self._log is not None:
+            self._logs.open_file(self._log)
         try:
             while True:
                 try:
@@ -225,9 +258,8 @@ class _Relay:
                     continue
                 if not chunk:
                     break
-                if log is not None:
-                    log.write(chunk)
-                    log.flush()
+                if self._logs is not None and self._log is not None:
+                    self._logs.append(self._log, chunk)
                 data = self._held + chunk
                 end = max(data.rfind(b"\n") + 1, data.rfind(b"\r"))
                 if len(data) - end > _CHUNK:
@@ -236,8 +268,8 @@ class _Relay:
                 self._emit(data[:end])
             self._emit(self._held)
         finally:
-            if log is not None:
-                log.close()
+            if self._logs is not None and self._log is not None:
+                self._logs.close_file(self._log)
 
 
 def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
@@ -320,6 +352,7 @@ class Job:
         self.restart_policy = restart_policy
         self.stop_grace = stop_grace
         self.log_dir = None if log_dir is None else Path(log_dir)
+        self._logs = None if log_dir is None else FileSink("--log-dir")
         self._reaper = reaper
         self._observe = bool(getattr(reaper, "observe", False))
         self.event_log = event_log
@@ -328,7 +361,7 @@ class Job:
         self.realtime = realtime
         #: restarts made so far (a group restart counts every rank)
         self.restarts = 0
-        self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer, self._stdout_closed)
+        self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
         self._stop_signal = 0
@@ -411,7 +444,9 @@ class Job:
         logs = self.log_dir / f"attempt_{attempt}" / str(result.rank) if self.log_dir else None
         relays = [
             asyncio.create_task(
-                _Relay(self.output, prefix, to_err, logs / name if logs else None).run(stream)
+                _Relay(self.output, prefix, to_err, logs / name if logs else None, self._logs).run(
+                    stream
+                )
             )
             for to_err, name, stream in (
                 (False, "stdout.log", worker.stdout),
@@ -456,7 +491,10 @@ class Job:
                 rank.worker.kill()
         for rank in ranks:
             await rank.worker.wait()
-        kill_descendants({r.worker.pid for r in ranks}, {r.token for r in ranks})
+        # A /proc scan and waits for the dying: the I/O plane's, not the loop's.
+        await run_blocking(
+            kill_descendants, {r.worker.pid for r in ranks}, {r.token for r in ranks}
+        )
         for rank in ranks:
             # The descendants are gone, so are the last writers: the relays end.
             _, unfinished = await asyncio.wait(rank.relays, timeout=5.0)
@@ -541,6 +579,7 @@ class Job:
         """Run the job to its end; return its exit status."""
         become_subreaper()
         loop = asyncio.get_running_loop()
+        self.output.bind(loop, self._stdout_closed)
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stop, sig)
         log = (
@@ -566,8 +605,18 @@ class Job:
         finally:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            # The watchdog is closed: what is left to write may take its time.
             if log is not None:
-                log.close()
+                await run_blocking(log.close)
+            if self._logs is not None:
+                await run_blocking(self._logs.close)
+        status = self._summary()
+        # The watchdog is closed: the summary may wait for a slow terminal.
+        await run_blocking(self.output.close)
+        return status
+
+    def _summary(self) -> int:
+        """Print the summary; the job's exit status."""
         if self._stop_signal == signal.SIGPIPE:
             return EXIT_SIGPIPE
         self.output.say("summary")
@@ -599,20 +648,26 @@ def kill_descendants(workers: set[int], tokens: set[str]) -> int:
     for pid in doomed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    for pid in doomed:  # our adopted children: reap them, so no zombie is left
-        if processes.get(pid) == me:
-            _reap(pid)
+    # Our adopted children: reap them, so no zombie is left.
+    _reap([pid for pid in doomed if processes.get(pid) == me])
     return len(doomed)
 
 
-def _reap(pid: int, timeout: float = 1.0) -> None:
-    """Reap our child ``pid`` (just SIGKILLed), waiting at most ``timeout`` seconds."""
+def _reap(pids: list[int], timeout: float = 1.0) -> None:
+    """Reap our children ``pids`` (just SIGKILLed), waiting at most ``timeout`` seconds in all.
+
+    Blocks (it sleeps between tries): the I/O plane's, never the loop's.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
-                return
-        except ChildProcessError:
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    left.discard(pid)
+            except ChildProcessError:
+                left.discard(pid)
+        if not left or time.monotonic() > deadline:
             return
         time.sleep(0.001)
 
@@ -651,11 +706,12 @@ async def serve_command(
     become_subreaper()
     token = uuid.uuid4().hex
     log = None if event_log is None else JsonEventLog(event_log)
+    err = StreamSink("stderr", sys.stderr.buffer)
     async with TimerServer(reaper=reaper, log_event=log, realtime=realtime) as server:
         await listen_fifo(server, fifo, roots=roots)
         if metrics_port is not None:
             metrics = server.serve_metrics(host=metrics_host, port=metrics_port)
-            print(f"aiotimer: metrics on {metrics.url} (health: /healthz)", file=sys.stderr)
+            err.write(f"aiotimer: metrics on {metrics.url} (health: /healthz)\n".encode())
         env = dict(os.environ)
         env["TORCHELASTIC_TIMER_FILE"] = fifo
         env[ENV_TOKEN] = token
@@ -668,7 +724,8 @@ async def serve_command(
         finally:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
-            kill_descendants({child.pid}, {token})
+            await run_blocking(kill_descendants, {child.pid}, {token})
     if log is not None:
-        log.close()
+        await run_blocking(log.close)
+    await run_blocking(err.close)
     return returncode if returncode >= 0 else 128 - returncode

@@ -169,6 +169,7 @@ async def test_the_event_log_is_a_log_event_hook() -> None:
     async with TimerServer(clock=clock, reaper=RecordingReaper(), log_event=log) as server:
         server.local_channel().acquire(ME, "step", 1.0)
         await clock.advance(1.0)
+    log.close()  # written by the log's own thread: wait for it
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["event"] for r in records] == [
         "watchdog started",
