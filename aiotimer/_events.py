@@ -220,6 +220,8 @@ class Statistics:
     expiries: int
     #: processes a reaper signalled
     kills: int
+    #: processes the guard SIGKILLed itself because the loop did not answer (see ``guard_after``)
+    guard_kills: int
     #: reaper calls that raised
     reaper_errors: int
     #: times the scheduler woke up
@@ -310,6 +312,8 @@ class Counters:
         "decision_max",
         "decision_sum",
         "expiries",
+        "guard_blocked_for",
+        "guard_kills",
         "kills",
         "kills_by_signal",
         "lag_count",
@@ -326,6 +330,10 @@ class Counters:
     def __init__(self) -> None:
         self.requests = self.rejected = self.expiries = self.kills = 0
         self.reaper_errors = self.wakeups = 0
+        #: written by the guard's thread only: its kills, and how long the loop
+        #: had left a deadline unanswered at its last kill
+        self.guard_kills = 0
+        self.guard_blocked_for = 0.0
         self.lag_count = self.decision_count = 0
         self.lag_sum = self.lag_max = self.decision_sum = self.decision_max = 0.0
         #: rejections by kind: "malformed", "not_admitted", "over_cap"
@@ -379,6 +387,7 @@ class Counters:
             rejected=self.rejected,
             expiries=self.expiries,
             kills=self.kills,
+            guard_kills=self.guard_kills,
             reaper_errors=self.reaper_errors,
             wakeups=self.wakeups,
             expiry_lag_max=self.lag_max,

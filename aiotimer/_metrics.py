@@ -77,6 +77,11 @@ class _Collector:
             kills.add_metric([sig], count)
         yield kills
         yield CounterMetricFamily(
+            "aiotimer_guard_kills",
+            "Processes the guard SIGKILLed itself because the watchdog's loop did not answer",
+            counters.guard_kills,
+        )
+        yield CounterMetricFamily(
             "aiotimer_restarts",
             "Restarts of workers by the launcher",
             self._restarts() if self._restarts else 0,
@@ -108,6 +113,17 @@ class _Collector:
             yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=hist.sum)
 
 
+def _guard_line(counters: Counters) -> str:
+    """What the guard did (see ``aiotimer._guard``), as a line of ``/healthz``; "" if nothing."""
+    kills = counters.guard_kills
+    if not kills:
+        return ""
+    return (
+        f"the guard killed {kills} process{'' if kills == 1 else 'es'} because the loop "
+        f"did not answer for {counters.guard_blocked_for:.1f}s\n"
+    )
+
+
 class MetricsServer:
     """Serves ``/metrics`` (Prometheus text) and ``/healthz`` on ``host:port`` (0: a free port).
 
@@ -137,6 +153,7 @@ class MetricsServer:
             raise ValueError(f"`port` must be a port number (0 for any free one), got {port!r}")
         self.health_threshold = check_seconds("health_threshold", health_threshold)
         self._loop = loop
+        self._source = source
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(source, workers, restarts))
         self._http = make_server(
@@ -158,7 +175,15 @@ class MetricsServer:
         return f"http://{self.host}:{self.port}/metrics"
 
     def healthy(self) -> tuple[bool, str]:
-        """Whether the loop runs a callback within the threshold (call from another thread)."""
+        """Whether the loop runs a callback within the threshold (call from another thread).
+
+        If the guard ever killed processes for a blocked loop, a line says so:
+        the status is the loop's now, the line what happened while it was not.
+        """
+        ok, text = self._loop_health()
+        return ok, text + _guard_line(self._source()[0])
+
+    def _loop_health(self) -> tuple[bool, str]:
         if self._loop.is_closed():
             return False, "the watchdog's loop has stopped\n"
         answered = threading.Event()

@@ -32,6 +32,7 @@ from ._events import (
     logger,
 )
 from ._expiry import Reaper
+from ._guard import Guard
 from ._heap import DeadlineHeap
 from ._incidents import DEFAULT_DUMP_TIMEOUT, Incident, IncidentReaper
 from ._killer import Killer
@@ -179,7 +180,10 @@ class TimerServer:
     SCHED_RR from shortly before each deadline until it is dealt with, so that
     CPU-bound neighbours cannot hold back a kill (see ``realtime``); needs
     CAP_SYS_NICE or ``ulimit -r`` >= 1, and without it the server logs a warning
-    (``"auto"``: an info line) and runs at normal priority.
+    (``"auto"``: an info line) and runs at normal priority.  ``guard_after``: if
+    the loop leaves a deadline unhandled this many seconds and does not answer, a
+    thread SIGKILLs the due processes itself (see ``aiotimer._guard``; ``None``:
+    no guard; only on the system clock).
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class TimerServer:
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
         realtime: bool | Literal["auto"] = False,
+        guard_after: float | None = 5.0,
     ) -> None:
         settings = _checked(
             reaper,
@@ -246,6 +251,15 @@ class TimerServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed: asyncio.Event | None = None
         self._workers = WorkerSet(self.events)
+        # A mock clock's deadlines are not on the guard thread's time line: no guard then;
+        # nor in observe mode, which promises never to signal.
+        guard_after = None if guard_after is None else check_seconds("guard_after", guard_after)
+        observing = self._incidents is not None and self._incidents.observe
+        self._guard = (
+            Guard(heap, registry.by_id, counters, after=guard_after)
+            if guard_after is not None and isinstance(self._clock, SystemClock) and not observing
+            else None
+        )
 
     def __repr__(self) -> str:
         return (
@@ -291,6 +305,8 @@ class TimerServer:
         self._state = _State.RUNNING
         self._dispatcher.open = True
         self._scheduler.start()
+        if self._guard is not None:
+            self._guard.start(loop)
         logger.info("timer server started (clock=%r, reaper=%r)", self._clock, self._killer.reaper)
         self.events.emit(WatchdogStarted())
 
@@ -306,6 +322,8 @@ class TimerServer:
         self._state = _State.CLOSING
         self._dispatcher.close()
         self._scheduler.stop()
+        if self._guard is not None:
+            self._guard.stop()  # before the registry closes the pidfds it reads
         # An incident being captured is finished first (a few seconds at most):
         # it is what the person paged afterwards reads.
         await self._killer.aclose(
