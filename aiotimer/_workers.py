@@ -73,16 +73,47 @@ async def start_worker_process(
     if process_group:
         kwargs["start_new_session"] = True
     kwargs["preexec_fn"] = _child_setup(pass_fds, kwargs.get("preexec_fn"))
+    loop = asyncio.get_running_loop()
+    limit = kwargs.pop("limit", 2**16)
     try:
-        process = await asyncio.create_subprocess_exec(
-            program, *args, env=child_env, pass_fds=pass_fds, **kwargs
+        # As asyncio.create_subprocess_exec, with a protocol that says when the
+        # exit status is known (see ``_ExitStatus``).
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ExitStatus(limit, loop),
+            program,
+            *args,
+            env=child_env,
+            pass_fds=pass_fds,
+            **kwargs,
         )
     except BaseException:
         os.close(read_fd)
         raise
     finally:
         os.close(write_fd)
-    return process, read_fd
+    return asyncio.subprocess.Process(transport, protocol, loop), read_fd
+
+
+class _ExitStatus(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol for a subprocess, with a future done when its exit status is known.
+
+    ``Process.wait()`` waits for the worker's pipes to close as well, which a
+    daemon it left behind may keep open; this future does not, and it needs no
+    polling: asyncio's child watcher calls ``process_exited`` once it has reaped
+    the process, on every loop and Python version.
+    """
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.status: asyncio.Future[int] = loop.create_future()
+
+    def process_exited(self) -> None:
+        # Read first: the base class may close and drop the transport.
+        transport = self._transport  # type: ignore[attr-defined]
+        returncode = transport.get_returncode() if transport is not None else None
+        super().process_exited()
+        if not self.status.done() and returncode is not None:
+            self.status.set_result(returncode)
 
 
 class _Watch(Protocol):
@@ -166,15 +197,19 @@ class Worker:
         if watched is None:
             return await self._process.wait()
         await asyncio.shield(watched.exit_future())
-        # The status: asyncio's child watcher reaps the worker and records it,
-        # in this loop turn or, with a watcher thread, a little later.
-        for _ in range(1000):
-            if self._process.returncode is not None:
-                return self._process.returncode
-            await asyncio.sleep(0.001)
+        if self._process.returncode is not None:
+            return self._process.returncode
         if watched.returncode is not None:  # read when it exited, left for the watcher
             return watched.returncode
-        return await self._process.wait()
+        # asyncio's child watcher reaped it first: its status comes from there.
+        return await asyncio.shield(self.exit_status())
+
+    def exit_status(self) -> asyncio.Future[int]:
+        """Done with the exit status once asyncio's child watcher has reaped the worker."""
+        protocol = self._process._protocol  # type: ignore[attr-defined]
+        if isinstance(protocol, _ExitStatus):
+            return protocol.status
+        return asyncio.ensure_future(self._process.wait())
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the worker (through its pidfd while it is watched)."""
@@ -200,6 +235,8 @@ class WorkerSet:
     def __init__(self, events: EventBus) -> None:
         self._events = events
         self._workers: set[Worker] = set()
+        # Exits seen whose status is still to come: reported before the server closes.
+        self._reporting: set[asyncio.Future[int]] = set()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -213,22 +250,26 @@ class WorkerSet:
         self._workers.add(worker)
 
     def exited(self, worker: Worker, returncode: int | None, timers_cleared: int) -> None:
-        """``worker`` exited (its pidfd says so): report it, with its exit status."""
+        """``worker`` exited (its pidfd says so): report it, once, with its exit status."""
         self._workers.discard(worker)
-        event = WorkerExited(worker.pid, returncode, timers_cleared, worker)
-        if returncode is not None:
-            self._events.emit(event)
+        status = returncode if returncode is not None else worker.returncode
+        if status is not None:
+            self._events.emit(WorkerExited(worker.pid, status, timers_cleared, worker))
             return
-        # asyncio's child watcher reaped it first: its status comes with wait().
+        # asyncio's child watcher reaped it first (a watcher thread on Python
+        # 3.11's own loop): its status comes from there, in a moment.
+        future = worker.exit_status()
+        self._reporting.add(future)
 
-        def report(task: asyncio.Task[int]) -> None:
-            status = None if task.cancelled() or task.exception() else task.result()
-            self._events.emit(WorkerExited(event.pid, status, timers_cleared, worker))
+        def report(future: asyncio.Future[int]) -> None:
+            self._reporting.discard(future)
+            status = None if future.cancelled() or future.exception() else future.result()
+            self._events.emit(WorkerExited(worker.pid, status, timers_cleared, worker))
 
-        asyncio.get_running_loop().create_task(worker.wait()).add_done_callback(report)
+        future.add_done_callback(report)
 
     async def kill_all(self) -> None:
-        """SIGKILL every worker still running and wait for each to be reaped."""
+        """SIGKILL every worker still running, wait for each to be reaped and reported."""
         workers = list(self._workers)
         for worker in workers:
             if worker.returncode is None:
@@ -238,3 +279,5 @@ class WorkerSet:
                 await asyncio.wait_for(worker.wait(), _CLOSE_WAIT)
             except TimeoutError:
                 logger.error("worker %d did not exit after SIGKILL", worker.pid)
+        if self._reporting:  # every exit seen is reported exactly once, before the server closes
+            await asyncio.wait(list(self._reporting), timeout=_CLOSE_WAIT)

@@ -258,3 +258,28 @@ async def test_pidfd_child_watcher_reaps_children_without_a_thread_each() -> Non
         assert await asyncio.wait_for(worker.wait(), 60) == -signal.SIGKILL
     if before is not None:
         assert asyncio.get_child_watcher() is before  # restored for the rest of the process
+
+
+async def test_every_worker_exit_is_reported_exactly_once_over_many_runs() -> None:
+    """On Python 3.11's own loop a watcher thread may reap a worker before its pidfd is
+    seen; its WorkerExited still comes, once, with its status, before the server closes."""
+    from aiotimer import WorkerExited
+
+    for _ in range(10):
+        seen: list[WorkerExited] = []
+
+        def record(event: object, seen: list[WorkerExited] = seen) -> None:
+            if isinstance(event, WorkerExited):
+                seen.append(event)
+
+        async with TimerServer() as server:
+            server.events.subscribe(record)
+            workers = [
+                await server.spawn(sys.executable, "-c", f"raise SystemExit({code})")
+                for code in (0, 3, 7)
+            ]
+            statuses = [await asyncio.wait_for(w.wait(), WAIT) for w in workers]
+        assert statuses == [0, 3, 7]
+        assert sorted((e.pid, e.returncode) for e in seen) == sorted(
+            (w.pid, s) for w, s in zip(workers, statuses, strict=True)
+        )
