@@ -6,7 +6,7 @@ stops reading, a full disk) and checks that an innocent worker's deadline, passi
 meanwhile, is handled as promptly as ever, that the hang is killed all the same, and
 that nothing is left running.  "Promptly" is the decision: when the server handled the
 expiry (``TimerExpired.lag``), within ``PROMPT`` of the deadline.  Speed figures are the
-benchmarks' (``python -m benchmarks isolation``); ``PROMPT`` is the promise, with the
+benchmarks' (``python -m benchmarks --scenarios isolation``); ``PROMPT`` is the promise, with the
 real-time boost where this machine permits it, not a measurement.
 """
 
