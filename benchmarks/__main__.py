@@ -27,7 +27,7 @@ from typing import Any
 
 from aiotimer._loops import available_loops, pidfd_child_watcher
 
-from . import client, hardening, idle, kill, scale, throughput
+from . import client, hardening, idle, isolation, kill, scale, throughput
 from ._stats import median, summarize_ms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ SCENARIOS = (
     "garbage",
     "burst",
     "capture",
+    "isolation",
 )
 
 
@@ -650,6 +651,84 @@ def bench_capture(sizes: Sequence[int], reps: int, report: Report) -> list[dict[
     return rows
 
 
+def bench_isolation(bystanders: int, loops: dict[str, Any], report: Report) -> list[dict[str, Any]]:
+    """Bystanders' decision latency while a neighbour is hostile (see ``isolation``)."""
+    rows: list[dict[str, Any]] = []
+    table: list[list[str]] = []
+    for case, measure in isolation.MEASURES.items():
+        skipped = None
+        for realtime in (False, True):
+            for loop_name, factory in loops.items():
+                wanted = "realtime" if realtime else "normal"
+                progress(f"isolation: {case}, {wanted}, on {loop_name}, {bystanders} bystanders")
+                out = run_on(factory, asyncio.wait_for(measure(bystanders, realtime), 300))
+                if out.skipped is not None:
+                    skipped = out.skipped
+                    break
+                priority = "realtime" if out.realtime else "normal"
+                if realtime and not out.realtime:
+                    priority += " (realtime refused)"
+                rows.append(
+                    {
+                        "scenario": "isolation",
+                        "case": case,
+                        "loop": loop_name,
+                        "priority": priority,
+                        "bystanders": out.bystanders,
+                        "hostile": out.hostile,
+                        "decision_ms": summarize_ms(out.decisions).as_dict(),
+                        "signal_ms": summarize_ms(out.signals).as_dict(),
+                        "missed": out.missed,
+                        "other_kills": out.others,
+                        "hostile_killed": out.hostile_killed,
+                        "effect": out.effect,
+                        "decision_samples_ms": [d * 1e3 for d in out.decisions],
+                        "skipped": None,
+                    }
+                )
+                table.append(
+                    [
+                        case,
+                        loop_name,
+                        priority,
+                        str(out.bystanders),
+                        _ms(out.decisions, "p50"),
+                        _ms(out.decisions, "p99"),
+                        _ms(out.decisions, "max"),
+                        _ms(out.signals, "p99"),
+                        str(out.missed),
+                        str(out.others),
+                        out.effect_text(),
+                    ]
+                )
+            if skipped is not None:
+                break
+        if skipped is not None:
+            progress(f"isolation: {case} skipped: {skipped}")
+            rows.append({"scenario": "isolation", "case": case, "skipped": skipped})
+            table.append([case, "-", f"skipped: {skipped}", *["-"] * 8])
+    report.table(
+        "Isolation: bystanders hang while a neighbour is hostile; decision = deadline -> "
+        "expiry handled (TimerExpired.lag), signal = deadline -> SIGKILL sent "
+        f"(target: bystander decision p99 <= {isolation.TARGET_P99 * 1e3:g} ms)",
+        [
+            "case",
+            "loop",
+            "server priority",
+            "bystanders",
+            "dec p50 ms",
+            "dec p99 ms",
+            "dec max ms",
+            "signal p99 ms",
+            "missed",
+            "other kills",
+            "what the hostility cost",
+        ],
+        table,
+    )
+    return rows
+
+
 # -- chart --------------------------------------------------------------------------
 
 
@@ -747,6 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20_000, help="client: calls per figure")
     parser.add_argument("--flooders", type=int, default=16, help="load: flooding workers")
     parser.add_argument("--bystanders", type=int, default=20, help="load: hung bystanders")
+    parser.add_argument(
+        "--isolation-bystanders", type=int, default=12, help="isolation: bystanders per run"
+    )
     parser.add_argument("--garbage-bytes", type=int, default=4 << 20, help="garbage: bytes")
     parser.add_argument(
         "--bursts",
@@ -801,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seconds, args.scale, args.idle_seconds, args.calls = 0.5, [1000, 10_000], 0.5, 2000
         args.flooders, args.bystanders, args.garbage_bytes = 2, 2, 256 * 1024
         args.bursts = "2x1000"
+        args.isolation_bystanders = 2
         torch_defaults = False
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -840,6 +923,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bursts=[(w, t) for w, t in bursts],
             report=report,
         )
+    if "isolation" in scenarios:
+        rows += bench_isolation(args.isolation_bystanders, loops, report)
     elapsed = time.time() - started
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,62 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     md = (tmp_path / "latest.md").read_text()
     for title in ("Kill latency", "Throughput", "Scale", "Idle", "Client cost"):
         assert title in md
+
+
+def test_isolation_scenario_kills_every_bystander(tmp_path: Path) -> None:
+    """``--scenarios isolation --quick``: every case on every loop and priority, every
+    bystander killed and measured, every hostile worker killed, and the hostility real
+    (output held back, FIFO dumps refused, incidents lost to the full disk)."""
+    from aiotimer._loops import available_loops
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--scenarios",
+            "isolation",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--chart",
+            str(tmp_path / "chart.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
+    assert rows and all(r["scenario"] == "isolation" for r in rows)
+    skipped = {r["case"] for r in rows if r["skipped"]}
+    assert skipped <= {"full disk"}  # only a tmpfs mount may be refused (not root)
+    loops = set(available_loops())
+    for case in {"stalled stdout", "hostile dump path", "full disk"} - skipped:
+        ran = [r for r in rows if r["case"] == case]
+        for loop in loops:
+            priorities = sorted(r["priority"] for r in ran if r["loop"] == loop)
+            assert priorities in (
+                ["normal", "realtime"],
+                ["normal", "normal (realtime refused)"],
+            ), (case, loop, priorities)
+        for r in ran:
+            n = r["bystanders"]
+            assert n >= 1 and r["missed"] == 0 and r["other_kills"] == 0, r
+            for key in ("decision_ms", "signal_ms"):
+                summary = r[key]
+                assert summary["n"] == n, r
+                assert 0 <= summary["min"] <= summary["p50"] <= summary["p99"] <= summary["max"]
+                assert math.isfinite(summary["max"])
+            effect = r["effect"]
+            if case == "stalled stdout":
+                assert effect["queued_bytes"] + effect["dropped_bytes"] > 0, r
+            else:
+                assert r["hostile"] >= 1 and r["hostile_killed"] == r["hostile"], r
+            if case == "hostile dump path":
+                assert effect["fifo_refused"] == r["hostile"], r
+            if case == "full disk":
+                assert effect["incidents_lost"] == r["hostile"], r
+                assert effect["log_write_errors"] > 0, r
+    assert "Isolation" in (tmp_path / "latest.md").read_text()
