@@ -60,6 +60,7 @@ __all__ = [
     "FrameDecoder",
     "Op",
     "Request",
+    "JsonLineDecoder",
     "decode_json_line",
     "decode_json_lines",
     "dump_file_name",
@@ -404,11 +405,24 @@ def decode_json_line(line: bytes) -> Request:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." within the size limit: nested past the parser's depth
+        raise ProtocolError("not JSON: nested too deeply") from None
     return _request_from_json(obj)
 
 
 def _rejected(line: bytes, exc: ProtocolError) -> str:
     return f"{exc}: {line[:200]!r}"
+
+
+def _reject_line(
+    line: bytes, exc: ProtocolError, requests: list[Request], errors: list[str]
+) -> None:
+    """Reject ``line``, keeping a request glued to its end (see ``glued_request``)."""
+    errors.append(_rejected(line, exc))
+    glued = glued_request(line)
+    if 0 < len(glued) < len(line):
+        with contextlib.suppress(ProtocolError):
+            requests.append(decode_json_line(glued))
 
 
 #: How every torch request line begins (``json.dumps`` of a dict whose first key
@@ -430,6 +444,49 @@ def glued_request(line: bytes) -> bytes:
     return line[start:] if start >= 0 else b""
 
 
+class JsonLineDecoder:
+    """torch's JSON-line framing, sans I/O: bytes in, ``(requests, errors)`` out.
+
+    Keeps the partial line a read ends with for the next ``feed``; a line
+    longer than ``JSON_LINE_MAX`` is rejected once and discarded up to its
+    newline, and a request glued to its tail (the next client's, written after
+    junk with no newline) is still decoded.  ``feed`` never raises: whatever the
+    bytes, a bad line is a counted rejection.
+    """
+
+    __slots__ = ("_discarding", "_partial")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._discarding = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held for the next ``feed``."""
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> tuple[list[Request], list[str]]:
+        """Decode every complete line of ``data`` (after what earlier feeds left)."""
+        lines = data.split(b"\n")
+        lines[0] = self._partial + lines[0]
+        self._partial = lines.pop()
+        if self._discarding and lines:
+            # The tail of a line already rejected as oversize; a request glued
+            # to its end is still a request.
+            self._discarding = False
+            lines[0] = glued_request(lines[0])
+        try:
+            requests, errors = decode_json_lines([line for line in lines if line.strip()])
+        except Exception as exc:  # a bug of ours must cost this read, never the reader
+            requests, errors = [], [f"undecodable input ({type(exc).__name__}: {exc})"]
+        if len(self._partial) > JSON_LINE_MAX:
+            if not self._discarding:
+                errors.append(f"line longer than {JSON_LINE_MAX} bytes; discarded")
+            self._partial = b""
+            self._discarding = True
+        return requests, errors
+
+
 def decode_json_lines(lines: Sequence[bytes]) -> tuple[list[Request], list[str]]:
     """Decode many non-empty lines; return ``(requests, errors)``, each bad line rejected alone.
 
@@ -440,23 +497,35 @@ def decode_json_lines(lines: Sequence[bytes]) -> tuple[list[Request], list[str]]
     requests: list[Request] = []
     errors: list[str] = []
     values: list[object] | None = None
+    # A request is a JSON object: a line that does not start as one is junk (with
+    # perhaps a request glued to its end), rejected without parsing it as JSON, so
+    # "[[[[..." costs a byte compare, not a recursion a thousand levels deep.
+    if not all(line.lstrip()[:1] == b"{" for line in lines):
+        objects = [line for line in lines if line.lstrip()[:1] == b"{"]
+        for line in lines:
+            if line.lstrip()[:1] != b"{":
+                _reject_line(line, ProtocolError("not a JSON object"), requests, errors)
+        more, bad = decode_json_lines(objects) if objects else ([], [])
+        return requests + more, errors + bad
     if all(len(line) <= JSON_LINE_MAX + 1 for line in lines):
         try:
             parsed = json.loads(b"[" + b",".join(lines) + b"]")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             parsed = None
-        if isinstance(parsed, list) and len(parsed) == len(lines):
+        # One object per line, or each line on its own: a line holding junk and a
+        # glued request ('"x", {...}') must go where its request is salvaged.
+        if (
+            isinstance(parsed, list)
+            and len(parsed) == len(lines)
+            and all(type(value) is dict for value in parsed)
+        ):
             values = parsed
     if values is None:
         for line in lines:
             try:
                 requests.append(decode_json_line(line))
             except ProtocolError as exc:
-                errors.append(_rejected(line, exc))
-                glued = glued_request(line)
-                if 0 < len(glued) < len(line):
-                    with contextlib.suppress(ProtocolError):
-                        requests.append(decode_json_line(glued))
+                _reject_line(line, exc, requests, errors)
         return requests, errors
     for line, value in zip(lines, values, strict=True):
         try:

@@ -14,10 +14,12 @@ from aiotimer import ProtocolError
 from aiotimer._protocol import (
     FRAME_MAX,
     HEADER_SIZE,
+    JSON_LINE_MAX,
     MAGIC,
     SCOPE_MAX,
     SIGNAL_LOG_ONLY,
     FrameDecoder,
+    JsonLineDecoder,
     Op,
     Request,
     _checked_request_from_json,
@@ -259,3 +261,81 @@ def test_the_fast_path_decodes_exactly_as_the_checked_one(obj: dict[str, object]
             return "rejected"
 
     assert outcome(_request_from_json) == outcome(_checked_request_from_json)
+
+
+# -- torch's JSON lines, as a stream (JsonLineDecoder) -----------------------------------
+
+
+def test_a_deeply_nested_line_is_one_rejection_and_the_rest_of_the_read_survives() -> None:
+    # 3,000 "[" fit in the 4 KiB line limit and once raised RecursionError out of
+    # the reader, losing every request of that read (a release lost: a false kill).
+    good = encode_json_request(42, "s", 1.7e9, 9)
+    release = encode_json_request(42, "s", -1, 0)
+    for poison in (b"[" * 3000, b'{"a":' * 600 + b"1" + b"}" * 600, b"[" * 2000 + b"]" * 2000):
+        requests, errors = JsonLineDecoder().feed(good + poison + b"\n" + release)
+        assert requests == [
+            Request(Op.ACQUIRE_WALL, 42, "s", 1.7e9, 9),
+            Request(Op.RELEASE, 42, "s", 0.0),
+        ], poison[:10]
+        assert len(errors) == 1  # the poison line alone
+
+
+def test_a_release_glued_after_junk_is_kept_whichever_path_decodes_it() -> None:
+    release = encode_json_request(42, "s", -1, 0).strip()
+    for junk in (b'"x", ', b"1, ", b"[], ", b"{}, "):
+        lines = [encode_json_request(7, "a", 1.7e9, 9).strip(), junk + release]
+        requests, _ = decode_json_lines(lines)
+        assert Request(Op.RELEASE, 42, "s", 0.0) in requests, junk
+
+
+def test_an_oversize_line_is_one_rejection_and_a_request_glued_to_its_tail_survives() -> None:
+    decoder = JsonLineDecoder()
+    request = encode_json_request(42, "s", 1.7e9, 9)
+    requests, errors = decoder.feed(b"x" * (JSON_LINE_MAX + 10))
+    assert requests == [] and len(errors) == 1 and decoder.pending == 0
+    requests, errors = decoder.feed(b"y" * 100 + request)
+    assert requests == [Request(Op.ACQUIRE_WALL, 42, "s", 1.7e9, 9)] and errors == []
+
+
+_chunks = st.lists(
+    st.one_of(
+        st.builds(
+            lambda pid, scope, t, sig: encode_json_request(pid, scope, t, sig),
+            st.integers(1, 2**22),
+            st.text(max_size=20),
+            st.one_of(st.floats(-10, 2e9), st.just(-1.0)),
+            st.sampled_from([0, 9, 15]),
+        ),
+        st.binary(max_size=64),
+        st.sampled_from([b"[" * 3000, b"{" * 2000, b"\n", b'{"version"', b"x" * 5000]),
+        st.builds(lambda n: b"[" * n + b"]" * n, st.integers(0, 3000)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunks, st.lists(st.integers(1, 8192), min_size=1, max_size=6))
+def test_the_line_decoder_never_raises_and_loses_no_whole_request(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    """Fuzz: nested, glued, truncated and oversize input, split across reads anywhere."""
+    stream = b"".join(chunks)
+    decoder = JsonLineDecoder()
+    got: list[Request] = []
+    at = 0
+    for cut in [*cuts, len(stream)]:
+        requests, errors = decoder.feed(stream[at : at + cut])
+        assert all(isinstance(e, str) for e in errors)
+        got += requests
+        at += cut
+    got += decoder.feed(b"\n")[0]
+    # Every request written whole on a line of its own, after a newline, is decoded.
+    whole = [line for line in stream.split(b"\n") if line.startswith(b'{"version"')]
+    for line in whole:
+        try:
+            wanted = decode_json_line(line)
+        except ProtocolError:
+            continue
+        if len(line) <= JSON_LINE_MAX and stream.split(b"\n").index(line) > 0:
+            assert wanted in got

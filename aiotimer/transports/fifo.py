@@ -35,7 +35,7 @@ from pathlib import Path
 from .._events import logger
 from .._linux import inotify_names, inotify_watch_dir
 from .._processes import foreign_descendant_of
-from .._protocol import JSON_LINE_MAX, Request, decode_json_lines, glued_request
+from .._protocol import JsonLineDecoder
 from ._base import Channel, Host, RequestSink
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
@@ -87,8 +87,7 @@ class FifoListener(Channel):
         self._write_fd = -1
         self._watch_fd = -1
         self._inode: tuple[int, int] | None = None
-        self._partial = b""
-        self._discarding = False
+        self._decoder = JsonLineDecoder()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def entitled(self, pid: int) -> str | None:
@@ -200,25 +199,8 @@ class FifoListener(Channel):
             self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
-        requests, errors = self._decode(data)
+        requests, errors = self._decoder.feed(data)
         self.sink.dispatch(self, requests, errors)
-
-    def _decode(self, data: bytes) -> tuple[list[Request], list[str]]:
-        lines = data.split(b"\n")
-        lines[0] = self._partial + lines[0]
-        self._partial = lines.pop()
-        if self._discarding and lines:
-            # The tail of a line already rejected as oversize; a request glued
-            # to its end is still a request.
-            self._discarding = False
-            lines[0] = glued_request(lines[0])
-        requests, errors = decode_json_lines([line for line in lines if line.strip()])
-        if len(self._partial) > JSON_LINE_MAX:
-            if not self._discarding:
-                errors.append(f"line longer than {JSON_LINE_MAX} bytes; discarded")
-            self._partial = b""
-            self._discarding = True
-        return requests, errors
 
     def _close_fds(self, *fds: int) -> None:
         for fd in fds:

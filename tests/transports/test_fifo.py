@@ -126,3 +126,58 @@ async def test_a_stale_fifo_is_replaced(tmp_path: Path) -> None:
         await listen_fifo(server, fifo)
         write(fifo, b"\n")
     assert not fifo.exists()
+
+
+@pytest.mark.slow
+async def test_a_writer_of_deeply_nested_lines_loses_nobody_elses_request(tmp_path: Path) -> None:
+    """One writer sending '[' * 3000 lines every 0.5 ms once made every read raise: releases
+    were lost (false kills) and acquires too (hangs unkilled), with a traceback per read."""
+    import signal
+    import sys
+    import textwrap
+
+    fifo = tmp_path / "f"
+    client = textwrap.dedent("""
+        import os, sys, time
+        from aiotimer._protocol import encode_json_request
+        fifo, mode = sys.argv[1], sys.argv[2]
+        def send(line):
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, line)
+            os.close(fd)
+        me = os.getpid()
+        end = time.monotonic() + 2.0
+        if mode == "poison":
+            while time.monotonic() < end:
+                send(b"[" * 3000 + b"\\n")
+                time.sleep(0.0005)
+        elif mode == "good":
+            while time.monotonic() < end:
+                send(encode_json_request(me, "step", time.time() + 0.5, 9))
+                time.sleep(0.01)
+                send(encode_json_request(me, "step", -1, 0))
+        else:
+            send(encode_json_request(me, "hang", time.time() + 0.5, 9))
+            time.sleep(600)
+    """)
+    async with TimerServer() as server:
+        await listen_fifo(server, fifo)
+
+        async def start(mode: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-c", client, str(fifo), mode
+            )
+
+        poison = await start("poison")
+        good = [await start("good") for _ in range(3)]
+        hung = [await start("hang") for _ in range(3)]
+        try:
+            assert [await asyncio.wait_for(p.wait(), 60) for p in good] == [0, 0, 0]
+            assert [await asyncio.wait_for(p.wait(), 60) for p in hung] == [-signal.SIGKILL] * 3
+            assert await asyncio.wait_for(poison.wait(), 60) == 0
+        finally:
+            for p in (poison, *good, *hung):
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+        assert server.statistics().rejected > 0
