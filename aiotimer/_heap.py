@@ -6,12 +6,16 @@ one channel can never release or re-arm a timer armed on another.  Each entry
 also carries the signal its client asked to be killed with (``signal``: 0 for
 "the reaper's choice", < 0 for "never signal, only report").
 
-The heap holds ``Timer`` tuples and deletes lazily: an entry is live only while
-the index still maps its key to that very tuple, so replacing or releasing a
-timer is O(1) bookkeeping plus, for a replace, one O(log n) push.  Stale entries
-are pruned in one O(n) pass once they outnumber the live ones, which bounds the
-garbage at about the live count and keeps every operation amortised O(log n)
-(the scheme of trio's ``Deadlines``).
+Two levels: each owner keeps a heap of its own timers, and a global heap holds
+one entry per owner, keyed by (at most) its earliest deadline.  So one owner's
+timers never sit in front of another's deadline: dropping a killed process's
+10,000 timers is O(1) for everyone else (``drop_owner``), and popping a due
+timer costs O(log of that owner's timers + log of the owners).  Both levels
+delete lazily: a timer is live only while its owner's index still maps its key
+to that very tuple, and a global entry only while its owner still points at it
+(the scheme of trio's ``Deadlines``); each level is pruned in one pass once its
+stale entries outnumber its live ones, so a prune walks one owner's timers
+(bounded by its cap), not everyone's.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import heapq
 import math
 from typing import NamedTuple
 
-__all__ = ["DeadlineHeap", "Timer"]
+__all__ = ["DeadlineHeap", "OwnerTimers", "Timer"]
 
-# Below this much garbage, pruning costs more than the memory it frees.
+# Below this much garbage (per owner, and in the global heap), pruning costs
+# more than the memory it frees.
 _PRUNE_FLOOR = 256
+_OWNER_PRUNE_FLOOR = 64
 
 
 class Timer(NamedTuple):
@@ -41,42 +47,114 @@ class Timer(NamedTuple):
 
 
 _new_timer = tuple.__new__  # skips NamedTuple's keyword handling on the hot path
+_heappush = heapq.heappush
+_heappop = heapq.heappop
+_heapreplace = heapq.heapreplace
+_INF = math.inf
 
-# owner -> channel -> scope -> live timer.  Nested rather than keyed by tuples:
-# most owners use one channel, so this costs one small dict per owner instead
-# of a key tuple per timer.
-_Index = dict[int, dict[int, dict[str, Timer]]]
+# One global entry: (the owner's earliest deadline, at most; the owner).
+_Entry = tuple[float, int]
+
+
+class OwnerTimers:
+    """One owner's timers: its own heap, its index, its usage, its global entry."""
+
+    __slots__ = ("chars", "count", "entry", "garbage", "heap", "index", "owner")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        #: this owner's timers, earliest first, released ones deleted lazily
+        self.heap: list[Timer] = []
+        #: channel -> scope -> live timer.  Nested: most owners use one channel.
+        self.index: dict[int, dict[str, Timer]] = {}
+        #: live timers, the characters of their scopes, stale heap entries
+        self.count = 0
+        self.chars = 0
+        self.garbage = 0
+        #: its entry in the global heap (``None``: not there)
+        self.entry: _Entry | None = None
+
+    def __repr__(self) -> str:
+        return f"<OwnerTimers {self.owner} live={self.count} garbage={self.garbage}>"
+
+    def top(self) -> Timer | None:
+        """The earliest live timer (stale entries above it are dropped), or ``None``."""
+        heap = self.heap
+        index = self.index
+        while heap:
+            timer = heap[0]
+            timers = index.get(timer[3])
+            if timers is not None and timers.get(timer[2]) is timer:
+                return timer
+            _heappop(heap)
+            self.garbage -= 1
+        return None
+
+    def due(self, until: float, limit: int | None = None) -> list[Timer]:
+        """Live timers with ``deadline <= until`` (at most ``limit``), left in place, unordered."""
+        heap = self.heap
+        index = self.index
+        found: list[Timer] = []
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            timer = heap[i]
+            if timer[0] > until:  # so is every entry below it
+                continue
+            timers = index.get(timer[3])
+            if timers is not None and timers.get(timer[2]) is timer:
+                found.append(timer)
+                if limit is not None and len(found) >= limit:
+                    break
+            child = 2 * i + 1
+            if child < len(heap):
+                stack.append(child)
+                if child + 1 < len(heap):
+                    stack.append(child + 1)
+        return found
+
+    def timers(self) -> list[Timer]:
+        """Every live timer, in no particular order."""
+        return [t for timers in self.index.values() for t in timers.values()]
+
+    def prune(self) -> int:
+        """Drop this owner's stale entries; how many were dropped."""
+        dropped = self.garbage
+        self.heap = self.timers()
+        heapq.heapify(self.heap)
+        self.garbage = 0
+        return dropped
 
 
 class DeadlineHeap:
-    """Min-heap of deadlines with O(1) lazy release and bounded garbage.
+    """Min-heap of deadlines in two levels, with O(1) lazy release and bounded garbage.
 
     Setting an existing ``(owner, scope, channel)`` replaces its deadline and signal.
     """
 
-    __slots__ = ("_garbage", "_heap", "_live", "_owners", "_usage")
+    __slots__ = ("_garbage", "_heap", "_live", "_owners", "_stale")
 
     def __init__(self) -> None:
-        self._heap: list[Timer] = []
-        self._owners: _Index = {}
-        # owner -> [live timers, characters of their scopes], for per-owner caps
-        self._usage: dict[int, list[int]] = {}
+        #: the global heap: one entry per owner with live timers (and stale ones)
+        self._heap: list[_Entry] = []
+        self._owners: dict[int, OwnerTimers] = {}
         self._live = 0
-        self._garbage = 0
+        self._garbage = 0  # stale entries in the owners' heaps
+        self._stale = 0  # stale entries in the global heap
 
     def __len__(self) -> int:
         return self._live
 
     def __repr__(self) -> str:
         return (
-            f"<DeadlineHeap live={self._live} garbage={self._garbage} "
+            f"<DeadlineHeap live={self._live} garbage={self.garbage} "
             f"owners={len(self._owners)} next={self.next_deadline()}>"
         )
 
     @property
     def garbage(self) -> int:
-        """Stale entries still in the heap (released or replaced timers)."""
-        return self._garbage
+        """Stale entries still held (released or replaced timers, superseded owner entries)."""
+        return self._garbage + self._stale
 
     def set(
         self, owner: int, scope: str, deadline: float, *, channel: int = 0, signal: int = 0
@@ -102,126 +180,171 @@ class DeadlineHeap:
         ``max_timers`` caps the owner's live timers, ``max_scope_chars`` the
         characters of their scopes.  Re-arming a timer the owner has is never refused.
         """
-        channels = self._owners.get(owner)
-        if channels is None:
-            channels = self._owners[owner] = {}
-            usage = self._usage[owner] = [0, 0]
-        else:
-            usage = self._usage[owner]
-        timers = channels.get(channel)
+        state = self._owners.get(owner)
+        if state is None:
+            if max_timers is not None and max_timers < 1:
+                return None
+            if max_scope_chars is not None and len(scope) > max_scope_chars:
+                return None
+            state = self._owners[owner] = OwnerTimers(owner)
+        index = state.index
+        timers = index.get(channel)
         if timers is None:
-            timers = channels[channel] = {}
+            timers = index[channel] = {}
         if timers.get(scope) is None:
-            if (max_timers is not None and usage[0] >= max_timers) or (
-                max_scope_chars is not None and usage[1] + len(scope) > max_scope_chars
+            if (max_timers is not None and state.count >= max_timers) or (
+                max_scope_chars is not None and state.chars + len(scope) > max_scope_chars
             ):
                 if not timers:
-                    del channels[channel]
-                    if not channels:
-                        del self._owners[owner]
-                        del self._usage[owner]
+                    del index[channel]
                 return None
-            usage[0] += 1
-            usage[1] += len(scope)
+            state.count += 1
+            state.chars += len(scope)
             self._live += 1
         else:
+            state.garbage += 1
             self._garbage += 1
         timer: Timer = _new_timer(Timer, (deadline, owner, scope, channel, signal))
         timers[scope] = timer
-        heapq.heappush(self._heap, timer)
-        if self._garbage > self._live + _PRUNE_FLOOR:
-            self.prune()
+        _heappush(state.heap, timer)
+        entry = state.entry
+        if entry is None or deadline < entry[0]:
+            # The owner's earliest deadline moved up: a new global entry.
+            if entry is not None:
+                self._stale += 1
+            entry = state.entry = (deadline, owner)
+            _heappush(self._heap, entry)
+            if self._stale > len(self._owners) + _PRUNE_FLOOR:
+                self._prune_global()
+        if state.garbage > state.count + _OWNER_PRUNE_FLOOR:
+            self._garbage -= state.prune()
         return timer
 
     def get(self, owner: int, scope: str, *, channel: int = 0) -> Timer | None:
         """The live timer of ``(owner, scope, channel)``, if any."""
-        timers = self._owners.get(owner, {}).get(channel)
+        state = self._owners.get(owner)
+        if state is None:
+            return None
+        timers = state.index.get(channel)
         return None if timers is None else timers.get(scope)
 
-    def _unindex(self, owner: int, channel: int, scope: str) -> Timer | None:
-        channels = self._owners.get(owner)
-        if channels is None:
-            return None
-        timers = channels.get(channel)
-        if timers is None:
-            return None
-        timer = timers.pop(scope, None)
-        if timer is None:
-            return None
-        if not timers:
-            del channels[channel]
-            if not channels:
-                del self._owners[owner]
-                del self._usage[owner]
-                return timer
-        usage = self._usage[owner]
-        usage[0] -= 1
-        usage[1] -= len(scope)
-        return timer
+    def _forget(self, state: OwnerTimers) -> None:
+        """``state`` has no live timer left: drop it (its global entry turns stale)."""
+        del self._owners[state.owner]
+        self._garbage -= state.garbage
+        if state.entry is not None:
+            self._stale += 1
+            state.entry = None
+            if self._stale > len(self._owners) + _PRUNE_FLOOR:
+                self._prune_global()
 
     def remove(self, owner: int, scope: str, *, channel: int = 0) -> bool:
         """Release ``(owner, scope, channel)``; return whether it was armed."""
-        if self._unindex(owner, channel, scope) is None:
+        state = self._owners.get(owner)
+        if state is None:
             return False
+        timers = state.index.get(channel)
+        if timers is None or timers.pop(scope, None) is None:
+            return False
+        if not timers:
+            del state.index[channel]
         self._live -= 1
+        state.count -= 1
+        state.chars -= len(scope)
+        if state.count == 0:
+            self._forget(state)
+            return True
+        state.garbage += 1
         self._garbage += 1
-        if self._garbage > self._live + _PRUNE_FLOOR:
-            self.prune()
+        if state.garbage > state.count + _OWNER_PRUNE_FLOOR:
+            self._garbage -= state.prune()
         return True
 
+    def drop_owner(self, owner: int) -> OwnerTimers | None:
+        """Release every timer of ``owner`` in O(1); return what it held (``None``: nothing).
+
+        For a killed or exited process: the others' deadlines never wait for
+        its timers to be popped or counted.  Keep the result until later if its
+        timers are many: freeing them takes time too.
+        """
+        state = self._owners.get(owner)
+        if state is None:
+            return None
+        self._live -= state.count
+        self._forget(state)
+        return state
+
     def remove_owner(self, owner: int) -> list[Timer]:
-        """Release every timer of ``owner`` and return them."""
-        channels = self._owners.pop(owner, None)
-        if not channels:
-            return []
-        del self._usage[owner]
-        removed = [t for timers in channels.values() for t in timers.values()]
-        self._live -= len(removed)
-        self._garbage += len(removed)
-        if self._garbage > self._live + _PRUNE_FLOOR:
-            self.prune()
-        return removed
+        """Release every timer of ``owner`` and return them (O(its timers); see ``drop_owner``)."""
+        state = self.drop_owner(owner)
+        return [] if state is None else state.timers()
 
     def usage(self, owner: int) -> tuple[int, int]:
         """``owner``'s live timers and the characters of their scopes."""
-        usage = self._usage.get(owner)
-        return (0, 0) if usage is None else (usage[0], usage[1])
+        state = self._owners.get(owner)
+        return (0, 0) if state is None else (state.count, state.chars)
 
     def timers_of(self, owner: int) -> list[Timer]:
         """The live timers of ``owner``, in no particular order."""
-        return [t for timers in self._owners.get(owner, {}).values() for t in timers.values()]
+        state = self._owners.get(owner)
+        return [] if state is None else state.timers()
 
     def owners(self) -> list[int]:
         """Every owner with at least one live timer."""
         return list(self._owners)
 
-    def _is_live(self, timer: Timer) -> bool:
-        timers = self._owners.get(timer[1], {}).get(timer[3])
-        return timers is not None and timers.get(timer[2]) is timer
+    def _settle(self) -> OwnerTimers | None:
+        """Make the global top exact (its owner's true earliest deadline); return that owner.
+
+        Stale global entries are dropped; an owner whose earliest timer was
+        released is moved down to its next one.
+        """
+        heap = self._heap
+        owners = self._owners
+        while heap:
+            entry = heap[0]
+            state = owners.get(entry[1])
+            if state is None or state.entry is not entry:
+                _heappop(heap)
+                self._stale -= 1
+                continue
+            before = state.garbage
+            top = state.top()
+            self._garbage -= before - state.garbage
+            if top is None:  # cannot be: an owner with no live timer is forgotten
+                _heappop(heap)
+                state.entry = None
+                continue
+            if top[0] != entry[0]:
+                state.entry = (top[0], entry[1])
+                _heapreplace(heap, state.entry)
+                continue
+            return state
+        return None
 
     def next_deadline(self) -> float:
         """The earliest live deadline, or ``math.inf`` when no timer is armed."""
-        heap = self._heap
-        while heap:
-            top = heap[0]
-            if self._is_live(top):
-                return top[0]
-            heapq.heappop(heap)
-            self._garbage -= 1
-        return math.inf
+        state = self._settle()
+        return _INF if state is None or state.entry is None else state.entry[0]
 
     def due(self, until: float, *, limit: int | None = None) -> list[Timer]:
-        """Live timers with ``deadline <= until`` (at most ``limit``), left in place, unordered."""
+        """Live timers with ``deadline <= until`` (at most ``limit``), left in place, unordered.
+
+        Read-only (another thread may call it: the guard).
+        """
         heap = self._heap
+        owners = self._owners
         found: list[Timer] = []
         stack = [0] if heap else []
         while stack:
             i = stack.pop()
-            timer = heap[i]
-            if timer[0] > until:  # so is every entry below it
+            entry = heap[i]
+            if entry[0] > until:  # so is every entry below it
                 continue
-            if self._is_live(timer):
-                found.append(timer)
+            state = owners.get(entry[1])
+            if state is not None and state.entry is entry:
+                left = None if limit is None else limit - len(found)
+                found += state.due(until, left)
                 if limit is not None and len(found) >= limit:
                     break
             child = 2 * i + 1
@@ -233,30 +356,30 @@ class DeadlineHeap:
 
     def pop_due(self, now: float) -> Timer | None:
         """Remove and return the earliest live timer if its deadline is ``<= now``."""
-        # On the kill path: the index is walked inline, not through helpers.
-        heap = self._heap
-        owners = self._owners
-        while heap and heap[0][0] <= now:
-            timer = heapq.heappop(heap)
-            channels = owners.get(timer[1])
-            timers = None if channels is None else channels.get(timer[3])
-            if timers is None or timers.get(timer[2]) is not timer:
-                self._garbage -= 1
-                continue
-            del timers[timer[2]]
-            if not timers:
-                del channels[timer[3]]  # type: ignore[union-attr]
-                if not channels:
-                    del owners[timer[1]]
-                    del self._usage[timer[1]]
-                    self._live -= 1
-                    return timer
-            usage = self._usage[timer[1]]
-            usage[0] -= 1
-            usage[1] -= len(timer[2])
-            self._live -= 1
+        state = self._settle()
+        if state is None or state.entry is None or state.entry[0] > now:
+            return None
+        timer = _heappop(state.heap)  # live: _settle made it the owner's top
+        timers = state.index[timer[3]]
+        del timers[timer[2]]
+        if not timers:
+            del state.index[timer[3]]
+        self._live -= 1
+        state.count -= 1
+        state.chars -= len(timer[2])
+        if state.count == 0:
+            _heappop(self._heap)
+            state.entry = None
+            del self._owners[state.owner]
+            self._garbage -= state.garbage
             return timer
-        return None
+        before = state.garbage
+        top = state.top()
+        self._garbage -= before - state.garbage
+        assert top is not None
+        state.entry = (top[0], state.owner)
+        _heapreplace(self._heap, state.entry)
+        return timer
 
     def pop_expired(self, now: float) -> list[tuple[int, list[Timer]]]:
         """Remove and return every timer with ``deadline <= now``.
@@ -273,10 +396,13 @@ class DeadlineHeap:
                 group.append(timer)
         return list(groups.items())
 
-    def prune(self) -> None:
-        """Drop every stale entry and re-heapify: O(n), run when garbage outgrows live."""
-        self._heap = [
-            t for channels in self._owners.values() for ts in channels.values() for t in ts.values()
-        ]
+    def _prune_global(self) -> None:
+        self._heap = [s.entry for s in self._owners.values() if s.entry is not None]
         heapq.heapify(self._heap)
-        self._garbage = 0
+        self._stale = 0
+
+    def prune(self) -> None:
+        """Drop every stale entry, in every owner and the global heap."""
+        for state in self._owners.values():
+            self._garbage -= state.prune()
+        self._prune_global()

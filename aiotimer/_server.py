@@ -427,7 +427,10 @@ class TimerServer:
         try:
             watched = self._registry.watch(process.pid, worker=worker)
         except ProcessGone:
+            # Reaped already (quick workers, a busy loop): it had no timer to
+            # clear, and its exit is still reported once.
             logger.info("worker %d exited before it could be watched", process.pid)
+            self._workers.exited(worker, process.returncode, 0)
         else:
             worker.watched = watched
             self._registry.attach(watched, channel.id)
@@ -448,11 +451,12 @@ class TimerServer:
 
     def _process_exited(self, process: WatchedProcess) -> None:
         """The registry saw ``process`` exit: drop its timers, and its worker if it was one."""
-        cleared = self._heap.remove_owner(process.id)
+        dropped = self._heap.drop_owner(process.id)
+        cleared = 0 if dropped is None else dropped.count
         self._transports.process_exited(process)
         worker = process.worker
         if worker is not None and worker.pid == process.pid:
-            self._workers.exited(worker, process.returncode, len(cleared))
+            self._workers.exited(worker, process.returncode, cleared)
 
     # -- introspection ---------------------------------------------------
 

@@ -17,6 +17,8 @@ __all__ = ["Worker", "WorkerSet", "start_worker_process"]
 
 # How long closing waits for a worker it killed to be reaped.
 _CLOSE_WAIT = 5.0
+# How long wait() gives an exited worker's pipes to reach their end.
+_PIPES_WAIT = 0.1
 
 
 def _child_setup(keep: Sequence[int], then: Callable[[], object] | None) -> Callable[[], None]:
@@ -197,12 +199,17 @@ class Worker:
         if watched is None:
             return await self._process.wait()
         await asyncio.shield(watched.exit_future())
-        if self._process.returncode is not None:
-            return self._process.returncode
-        if watched.returncode is not None:  # read when it exited, left for the watcher
-            return watched.returncode
-        # asyncio's child watcher reaped it first: its status comes from there.
-        return await asyncio.shield(self.exit_status())
+        status = self._process.returncode
+        if status is None:
+            status = watched.returncode  # read when it exited, left for the watcher
+        if status is None:
+            # asyncio's child watcher reaped it first: its status comes from there.
+            status = await asyncio.shield(self.exit_status())
+        # Its pipes usually reach their end now too: a moment for asyncio to see
+        # it and close the transport (not for ever: a daemon may hold them).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._process.wait()), _PIPES_WAIT)
+        return status
 
     def exit_status(self) -> asyncio.Future[int]:
         """Done with the exit status once asyncio's child watcher has reaped the worker."""

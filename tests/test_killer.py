@@ -343,3 +343,28 @@ async def test_the_warm_up_pass_is_read_only(
         rig.arm(p, f"s{i}", 1.0)
     rig.killer.warm_up(1.0)
     assert len(rig.heap) == 100 and reaper.expiries == []
+
+
+async def test_a_killed_process_timers_are_dropped_not_popped(
+    rig_factory: Callable[..., Rig], sleeper: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    """K processes with 10,000 timers due each once kept a bystander waiting while every
+    one of them was popped (~22 ms per process); a kill now drops them in O(1)."""
+    from aiotimer._killer import TAKEN_WITH_A_KILL
+
+    rig = rig_factory(SignalReaper())
+    hogs = [rig.watch(sleeper().pid) for _ in range(5)]
+    bystander = rig.watch(sleeper().pid)
+    for hog in hogs:
+        for i in range(10_000):
+            rig.arm(hog, f"garbage{i}", 1.0 + i * 1e-9)
+    rig.arm(bystander, "innocent", 1.002)
+    await rig.expire_at(1.001)
+    assert rig.counters.kills == len(hogs)
+    # Nothing of theirs is left to pop: the bystander's timer is next, and alone.
+    assert len(rig.heap) == 1 and rig.heap.next_deadline() == 1.002
+    assert rig.heap.garbage <= len(hogs) + 1
+    kills = [e for e in rig.events if isinstance(e, KillWorkerProcess)]
+    assert all(len(k.scopes) <= CHUNK + TAKEN_WITH_A_KILL for k in kills)
+    await rig.expire_at(1.002)
+    assert rig.counters.kills == len(hogs) + 1

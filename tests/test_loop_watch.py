@@ -37,8 +37,16 @@ def test_the_watch_fails_what_it_should_on_both_loops(pytester: pytest.Pytester)
             import asyncio, time
             import pytest
 
-            def block() -> None:
-                time.sleep(0.03)
+            SPIN = (
+                "import time\\nasync def step() -> None:\\n"
+                "    end = time.thread_time() + 0.03\\n"
+                "    while time.thread_time() < end: pass\\n"
+            )
+
+            def block() -> None:  # 30 ms of work: a sleep uses no CPU and is not counted
+                end = time.thread_time() + 0.03
+                while time.thread_time() < end:
+                    pass
 
             async def test_quick() -> None:
                 await asyncio.sleep(0)
@@ -63,13 +71,13 @@ def test_the_watch_fails_what_it_should_on_both_loops(pytester: pytest.Pytester)
             async def test_a_slow_library_task_fails() -> None:
                 import os, aiotimer
                 where = os.path.join(os.path.dirname(aiotimer.__file__), "_elsewhere.py")
-                library = "import time\\nasync def step() -> None:\\n    time.sleep(0.03)\\n"
+                library = SPIN
                 code = {}
                 exec(compile(library, where, "exec"), code)
                 await asyncio.create_task(code["step"]())
 
             async def test_another_packages_machinery_is_not_counted() -> None:
-                other = "import time\\nasync def step() -> None:\\n    time.sleep(0.03)\\n"
+                other = SPIN
                 code = {}
                 exec(compile(other, "/elsewhere/library.py", "exec"), code)
                 await asyncio.create_task(code["step"]())
