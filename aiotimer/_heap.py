@@ -274,6 +274,29 @@ class DeadlineHeap:
         self._forget(state)
         return state
 
+    def detach(self, owner: int) -> None:
+        """Take ``owner`` out of the global heap (its timers stay): pops pass it by.
+
+        For the killer's burst: a process about to be killed need not have its
+        other due timers popped first.  ``attach`` (or ``set``) puts it back.
+        """
+        state = self._owners.get(owner)
+        if state is not None and state.entry is not None:
+            state.entry = None
+            self._stale += 1
+
+    def attach(self, owner: int) -> None:
+        """Put a detached ``owner`` back into the global heap."""
+        state = self._owners.get(owner)
+        if state is None or state.entry is not None:
+            return
+        before = state.garbage
+        top = state.top()
+        self._garbage -= before - state.garbage
+        if top is not None:
+            state.entry = (top[0], owner)
+            _heappush(self._heap, state.entry)
+
     def remove_owner(self, owner: int) -> list[Timer]:
         """Release every timer of ``owner`` and return them (O(its timers); see ``drop_owner``)."""
         state = self.drop_owner(owner)

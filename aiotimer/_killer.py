@@ -286,6 +286,8 @@ class Killer:
         """Act on every timer due at ``now``: signals first, then bookkeeping and events."""
         by_id = self._registry.by_id
         pop = self._heap.pop_due
+        detach = self._heap.detach
+        attach = self._heap.attach
         groups: dict[int, list[Timer]] = {}  # owner -> its due timers, earliest first
         expiries: dict[int, Expiry] = {}
         undecided: list[tuple[Expiry, WatchedProcess]] = []
@@ -335,12 +337,19 @@ class Killer:
                         undecided.append((expiry, process))
                     else:
                         victims.append((expiry, process))
+                        # Its other timers wait outside the heap until it is
+                        # reaped: the next pops find the next process, so a
+                        # process with 10,000 timers due costs one pop, not 64.
+                        detach(owner)
                 self._reap(victims, calls)
                 for expiry, process in victims:
                     if expiry.signals_sent:
-                        # Killed: its other due timers are taken in one go, not
+                        # Killed: its other due timers are dropped in one go, not
                         # popped one by one (a million of them took seconds).
                         self._take_rest(groups[process.id], process.id, now)
+                    else:  # not killed: its other due timers are popped as ever
+                        attach(process.id)
+                        more = True
             decided: list[tuple[Expiry, WatchedProcess]] = []
             for expiry, process in undecided:
                 requested = _requested_signal(groups[process.id])
