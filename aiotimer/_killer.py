@@ -210,7 +210,14 @@ class FollowUps:
                     return
                 pending = result
             if not expiry.exited:
-                logger.error("gave up reaping pid %d; it is still running", expiry.pid)
+                # The reaper failed every time: the hang is still killed.
+                logger.error(
+                    "reaper %r failed %d times for pid %d; sending SIGKILL itself",
+                    reaper,
+                    self._attempts,
+                    expiry.pid,
+                )
+                expiry.send_signal(_signal.SIGKILL)
         finally:
             process.reaping = False
 

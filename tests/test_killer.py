@@ -165,21 +165,23 @@ async def test_a_failing_reaper_is_retried_with_backoff_on_the_servers_clock(
     assert "reaper failure 1 of 2 (on purpose)" in caplog.text
 
 
-async def test_a_reaper_that_always_fails_is_given_up_on(
+async def test_a_reaper_that_always_fails_ends_in_sigkill(
     rig_factory: Callable[..., Rig],
     sleeper: Callable[[], subprocess.Popen[bytes]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     reaper = RecordingReaper(fail_times=100)
     rig = rig_factory(reaper, attempts=3)
-    p = rig.watch(sleeper().pid)
+    proc = sleeper()
+    p = rig.watch(proc.pid)
     rig.arm(p, "s", 1.0)
     await rig.expire_at(1.0)
     for _ in range(5):
         await rig.clock.advance(5.0)
     assert reaper.calls == 3
-    assert f"gave up reaping pid {p.pid}" in caplog.text
-    assert not p.reaping  # a later expiry gets its own chance
+    assert f"failed 3 times for pid {p.pid}; sending SIGKILL itself" in caplog.text
+    assert await asyncio.to_thread(proc.wait, WAIT) == -signal.SIGKILL  # never left running
+    assert not p.reaping
 
 
 async def test_async_reapers_are_awaited(
