@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,7 +49,9 @@ def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 @pytest.fixture
 def make(
     monkeypatch: pytest.MonkeyPatch,
-) -> Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]]:
+) -> Iterator[Callable[..., tuple[RealtimeBoost, Policy, MockClock, list[float]]]]:
+    built: list[RealtimeBoost] = []
+
     def build(**policy: bool) -> tuple[RealtimeBoost, Policy, MockClock, list[float]]:
         fake = Policy(**policy)
         monkeypatch.setattr(_priority, "enter_realtime", fake.enter)
@@ -54,9 +59,12 @@ def make(
         clock = MockClock()
         cpu = [0.0]
         boost = RealtimeBoost(clock, cpu_time=lambda: cpu[0])
+        built.append(boost)
         return boost, fake, clock, cpu
 
-    return build
+    yield build
+    for boost in built:  # puts back the process's RLIMIT_RTTIME and SIGXCPU handler
+        boost.close()
 
 
 async def test_boosted_while_a_deadline_is_near_or_a_reaper_still_has_a_signal_to_send(
@@ -146,3 +154,38 @@ def test_restoring_keeps_reset_on_fork_where_clearing_it_is_refused() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+@pytest.mark.slow
+@pytest.mark.allow_slow_callbacks("spins on the loop on purpose, to be stopped by the kernel")
+async def test_the_kernel_drops_a_boost_that_runs_on_without_blocking(
+    realtime_permitted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A boosted thread that never blocks is stopped by RLIMIT_RTTIME within a few ms,
+    not at the next budget check (a sleeper on its CPU once woke 250 ms late)."""
+    import resource
+    import signal
+
+    from aiotimer import TimerServer
+    from aiotimer._priority import RTTIME
+
+    if not realtime_permitted:
+        pytest.skip("SCHED_RR is not permitted here")
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the kernel bound needs the main thread")
+    before = resource.getrlimit(resource.RLIMIT_RTTIME)
+    async with TimerServer(realtime=True) as server:
+        assert resource.getrlimit(resource.RLIMIT_RTTIME)[0] == RTTIME
+        server.local_channel().acquire(os.getpid(), "near", server.clock.now() + 60.0)
+        server.local_channel().acquire(os.getpid(), "nearer", server.clock.now() + 0.05)
+        assert os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR
+        start = time.thread_time()
+        while os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR:
+            assert time.thread_time() - start < 0.2, "still real-time after 200 ms of CPU"
+        spun = time.thread_time() - start
+        server.local_channel().release(os.getpid(), "nearer")
+        await asyncio.sleep(0.01)
+    assert spun < 0.05  # the soft limit plus a tick or two, not a budget period (0.25 s)
+    assert "back to normal priority" in caplog.text
+    assert resource.getrlimit(resource.RLIMIT_RTTIME) == before
+    assert signal.getsignal(signal.SIGXCPU) == signal.SIG_DFL
