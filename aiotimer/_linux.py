@@ -29,6 +29,7 @@ __all__ = [
     "die_with_parent",
     "enter_realtime",
     "environ_of",
+    "tree_root",
     "holds_pipe",
     "live_processes",
     "monotonic_offset",
@@ -277,6 +278,23 @@ def descends_from(pid: int, ancestors: set[int] | frozenset[int]) -> bool:
         current = parent_pid(current)
         seen += 1
     return False
+
+
+def tree_root(pid: int, roots: set[int] | frozenset[int]) -> int | None:
+    """The process of ``pid``'s ancestry just below one of ``roots`` (``pid`` itself, if a
+    child of one): the worker tree it belongs to.  ``None`` if it descends from none."""
+    below = pid
+    current: int | None = pid
+    seen = 0
+    while current is not None and current > 0 and seen < 4096:
+        if current in roots:
+            return below
+        if current == 1:
+            return None
+        below = current
+        current = parent_pid(current)
+        seen += 1
+    return None
 
 
 # -- timerfd -----------------------------------------------------------------

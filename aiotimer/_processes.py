@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._workers import Worker
 
 __all__ = [
+    "TREE_RESERVE",
     "Applicant",
     "ProcessRegistry",
     "WatchedProcess",
@@ -82,6 +83,9 @@ class Applicant(Protocol):
     def entitled(self, pid: int) -> str | None:
         """``None`` if requests on this channel may name ``pid``, else the reason not."""
 
+    def tree_of(self, pid: int) -> int:
+        """The worker tree ``pid`` belongs to (a spawned worker's pid, or a root's child)."""
+
 
 # -- watched processes -----------------------------------------------------------
 
@@ -103,6 +107,7 @@ class WatchedProcess:
         "pidfd",
         "reaping",
         "returncode",
+        "tree",
         "worker",
     )
 
@@ -119,6 +124,8 @@ class WatchedProcess:
         self.pid = pid
         self.pidfd = pidfd
         self.worker = worker
+        #: the worker tree it is counted in, for fair shares (see ``ProcessRegistry``)
+        self.tree = worker.pid if worker is not None else pid
         self.exited = False
         #: a reaper is at work on it: further expiries do not call another
         self.reaping = False
@@ -199,11 +206,24 @@ def _exit_status(pidfd: int) -> int | None:
     return -result.si_status
 
 
+#: Admissions every worker tree may have, whatever the others took.
+TREE_RESERVE = 16
+
+
 class ProcessRegistry:
     """Every process the server watches, by pid and by id; admission of new ones.
 
     ``on_exit(process)`` is called once for each watched process that exits,
     after it has been forgotten here.
+
+    Fair shares: each watched process holds a pidfd, and admissions stop at half
+    the fd limit (``fd_budget``).  That budget is shared among worker trees (a
+    spawned worker and its descendants; for the FIFO and the queue, a root's
+    child and its descendants): a tree may hold at most
+    ``fd_budget // (trees + 1)`` processes (``trees``: those holding any; the
+    ``+ 1`` keeps room for one more), and never fewer than ``TREE_RESERVE``.
+    So one worker whose children flood admissions cannot take every other
+    worker's: its requests over its share are rejected, theirs still admitted.
     """
 
     __slots__ = (
@@ -212,6 +232,7 @@ class ProcessRegistry:
         "_loop",
         "_on_exit",
         "_per_channel",
+        "_per_tree",
         "by_id",
         "by_pid",
         "max_per_channel",
@@ -227,6 +248,7 @@ class ProcessRegistry:
         #: most processes one channel may have admitted at once (``None``: no cap)
         self.max_per_channel = max_per_channel
         self._per_channel: dict[int, int] = {}
+        self._per_tree: dict[int, int] = {}  # tree -> processes watched in it
         self._on_exit = on_exit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = iter(range(1, 2**63))
@@ -246,15 +268,27 @@ class ProcessRegistry:
         self._loop = loop
 
     def watch(
-        self, pid: int, *, worker: Worker | None = None, pidfd: int | None = None
+        self,
+        pid: int,
+        *,
+        worker: Worker | None = None,
+        pidfd: int | None = None,
+        tree: int | None = None,
     ) -> WatchedProcess:
         """Start watching ``pid`` (a process the server spawned, say); ``ProcessGone`` if gone."""
         assert self._loop is not None, "the registry is not bound to a loop"
         fd = open_pidfd(pid) if pidfd is None else pidfd
         process = WatchedProcess(next(self._ids), pid, fd, self._loop, self._forget, worker)
+        if tree is not None:
+            process.tree = tree
         self.by_pid[pid] = process
         self.by_id[process.id] = process
+        self._per_tree[process.tree] = self._per_tree.get(process.tree, 0) + 1
         return process
+
+    def tree_share(self) -> int:
+        """How many processes a worker tree already watched may hold now (class docstring)."""
+        return max(TREE_RESERVE, self._fd_budget // (len(self._per_tree) + 1))
 
     def admit(
         self, applicant: Applicant, pid: int, *, revalidate: bool = False
@@ -288,6 +322,15 @@ class ProcessRegistry:
                 f"already {len(self.by_id)} processes watched, half of this process's file "
                 f"descriptor limit; raise RLIMIT_NOFILE to watch more"
             )
+        grove = applicant.tree_of(pid)
+        held = self._per_tree.get(grove, 0)
+        trees = len(self._per_tree) + (0 if held else 1)  # counting this one
+        share = max(TREE_RESERVE, self._fd_budget // (trees + 1))
+        if held >= share:
+            return (
+                f"worker tree {grove} already watches {held} processes, its fair share "
+                f"(half the fd limit, {self._fd_budget}, shared among {trees} trees and one more)"
+            )
         # Hold the process by a pidfd before checking who it is: if the pid is
         # reused after the check, the pidfd shows the old process gone.
         try:
@@ -302,7 +345,7 @@ class ProcessRegistry:
         if reason is not None:
             os.close(pidfd)
             return reason
-        process = self.watch(pid, worker=applicant.worker, pidfd=pidfd)
+        process = self.watch(pid, worker=applicant.worker, pidfd=pidfd, tree=grove)
         self.attach(process, cid)
         return process
 
@@ -322,6 +365,11 @@ class ProcessRegistry:
             del self.by_pid[process.pid]
         if self.by_id.pop(process.id, None) is None:
             return
+        in_tree = self._per_tree.get(process.tree, 0) - 1
+        if in_tree > 0:
+            self._per_tree[process.tree] = in_tree
+        else:
+            self._per_tree.pop(process.tree, None)
         for cid in process.channels:
             left = self._per_channel.get(cid)
             if left is not None:
@@ -334,3 +382,4 @@ class ProcessRegistry:
             process.close()
         self.by_pid.clear()
         self.by_id.clear()
+        self._per_tree.clear()

@@ -347,3 +347,53 @@ def test_a_descendant_that_ignores_sigterm_never_delays_another_ranks_kill(
     assert proc.returncode == 124, err.decode(errors="replace")[-3000:]
     lateness = _innocent_lateness(events)
     assert lateness is not None and lateness <= PROMPT, f"the kill was {lateness} s late"
+
+
+def test_one_ranks_children_cannot_take_the_other_ranks_admission(
+    loop: str, marker: str, tmp_path: Path
+) -> None:
+    """Rank 0 forks children that each arm a timer, past its fair share of admissions
+    (half the fd limit, 64 here); rank 1's child still gets its own, hangs and is killed."""
+    import resource
+
+    code = """
+        import os, sys, time, aiotimer
+        if os.environ["RANK"] == "0":
+            kids = []
+            for i in range(80):
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        with aiotimer.expires(after=600, scope="greedy"):
+                            time.sleep(600)
+                    finally:
+                        os._exit(0)
+                kids.append(pid)
+            time.sleep(4.0)
+            for pid in kids:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            sys.exit(0)
+        time.sleep(1.0)  # after rank 0's children asked
+        pid = os.fork()
+        if pid == 0:
+            with aiotimer.expires(after=0.5, scope="rank 1's child"):
+                time.sleep(600)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    events = tmp_path / "events.jsonl"
+    proc = launcher(
+        loop, marker, "-n", "2", "--event-log", str(events), code=code, preexec_fn=low_fd_limit
+    )
+    _, err = proc.communicate(timeout=WAIT)
+    said = err if isinstance(err, str) else err.decode()
+    assert proc.returncode in (0, 124), said[-3000:]
+    records = _records(events)
+    killed = [r for r in records if r.get("event") == "timer expired"]
+    assert [r["scope"] for r in killed] == ["rank 1's child"], said[-3000:]
+    assert any("fair share" in str(r.get("reason", "")) for r in records), said[-3000:]

@@ -31,6 +31,9 @@ class Applicant:
     def entitled(self, pid: int) -> str | None:
         return self.refuse
 
+    def tree_of(self, pid: int) -> int:
+        return self.id  # one tree per applicant, for these tests
+
 
 def registry() -> tuple[ProcessRegistry, list[WatchedProcess]]:
     exited: list[WatchedProcess] = []
@@ -124,3 +127,24 @@ async def test_the_exit_status_of_a_child_is_read_and_left_for_its_waiter() -> N
     await until(lambda: bool(exited))
     assert exited[0].returncode == 3
     assert proc.wait(timeout=WAIT) == 3
+
+
+async def test_one_worker_tree_cannot_take_every_admission(
+    sleeper: Callable[[], subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's children once took all admissions (half the fd limit), so rank 1's child
+    hung unkilled; now a tree holds at most its fair share and the others still get in."""
+    from aiotimer._processes import TREE_RESERVE
+
+    reg, _ = registry()
+    monkeypatch.setattr(reg, "_fd_budget", 48)
+    greedy, modest = Applicant(id=1), Applicant(id=2)
+    procs = [sleeper() for _ in range(40)]
+    admitted = [reg.admit(greedy, p.pid) for p in procs[:39]]
+    held = [a for a in admitted if not isinstance(a, str)]
+    refused = [a for a in admitted if isinstance(a, str)]
+    assert len(held) == max(TREE_RESERVE, 48 // 2)  # alone: half the budget, room for one more
+    assert refused and "fair share" in refused[0] and "worker tree 1" in refused[0]
+    late = reg.admit(modest, procs[39].pid)
+    assert not isinstance(late, str), late  # another tree still gets in
+    reg.close()

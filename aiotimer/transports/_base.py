@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from .._linux import tree_root
 from .._protocol import Request
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class Channel(abc.ABC):
     revalidate: bool = False
     #: the spawned worker whose pipe this is, if any
     worker: Worker | None = None
+    #: the pids whose descendants this channel serves (besides a worker's own tree)
+    roots: frozenset[int] = frozenset()
 
     def __init__(self, sink: RequestSink) -> None:
         self.sink = sink
@@ -84,6 +87,14 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def entitled(self, pid: int) -> str | None:
         """``None`` if requests on this channel may name ``pid``, else the reason not."""
+
+    def tree_of(self, pid: int) -> int:
+        """The worker tree ``pid`` belongs to, for fair shares: the spawned worker a pipe
+        belongs to, or the process just below a root that ``pid`` descends from."""
+        if self.worker is not None:
+            return self.worker.pid
+        found = tree_root(pid, self.roots) if self.roots else None
+        return pid if found is None else found
 
     def process_exited(self, pid: int) -> None:  # noqa: B027 - most channels need not know
         """A process admitted on this channel exited."""
