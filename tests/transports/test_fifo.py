@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
+import signal
 import stat
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +20,7 @@ import pytest
 from aiotimer import TimerServer
 from aiotimer._protocol import encode_json_request
 from aiotimer.testing import MockClock, RecordingReaper
+from aiotimer.transports import fifo as fifo_module
 from aiotimer.transports import listen_fifo
 
 
@@ -128,14 +133,174 @@ async def test_a_stale_fifo_is_replaced(tmp_path: Path) -> None:
     assert not fifo.exists()
 
 
+async def test_another_users_fifo_is_refused_not_replaced(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a FIFO of another user")
+    theirs = tmp_path / "f"
+    os.mkfifo(theirs)
+    os.chown(theirs, 65534, 65534)
+    async with TimerServer() as server:
+        with pytest.raises(FileExistsError, match=r"is a FIFO of another user \(uid 65534\)"):
+            await listen_fifo(server, theirs)
+    assert os.lstat(theirs).st_uid == 65534
+
+
+# -- the path stays ours while serving ------------------------------------------------
+
+#: A torch FileTimerClient's request, then a hang: it must be killed.
+_HUNG_TORCH_CLIENT = textwrap.dedent("""
+    import os, sys, time
+    from aiotimer._protocol import encode_json_request
+    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, encode_json_request(os.getpid(), "after", time.time() + 0.3, 9))
+    os.close(fd)
+    time.sleep(600)
+""")
+
+
+def take_the_path(fifo: Path, kind: str) -> Path | None:
+    """Put ``kind`` where the FIFO is, as another program would; the symlink's target."""
+    new = fifo.with_name("new")
+    target = None
+    if kind == "directory":
+        fifo.unlink()  # a directory cannot be renamed over a FIFO
+        fifo.mkdir()
+        (fifo / "inside").write_text("theirs")
+        return None
+    if kind == "regular file":
+        new.write_text("theirs")
+    elif kind == "symlink":
+        target = fifo.with_name("target")
+        target.write_text("precious")
+        new.symlink_to(target)
+    else:
+        os.mkfifo(new, 0o666)
+    os.rename(new, fifo)  # atomically: the FIFO's name never missing
+    return target
+
+
+def fifo_warnings(caplog: pytest.LogCaptureFixture, fifo: Path) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("aiotimer")
+        and r.levelno >= logging.WARNING
+        and str(fifo) in r.getMessage()
+    ]
+
+
+def is_our_fifo(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISFIFO(st.st_mode) and st.st_uid == os.geteuid()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["regular file", "symlink", "directory", "FIFO"])
+async def test_whatever_takes_the_fifos_place_is_moved_aside_and_the_next_client_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """A FIFO replaced by a file once left torch clients writing into it, hangs unkilled;
+    replaced by a symlink, writing their requests where it pointed."""
+    caplog.set_level(logging.WARNING, logger="aiotimer")
+    fifo = tmp_path / "timer.fifo"
+    async with TimerServer() as server:
+        listener = await listen_fifo(server, fifo)
+        ours = os.lstat(fifo).st_ino
+        target = take_the_path(fifo, kind)
+        await until(lambda: listener.replaced == 1)
+        assert is_our_fifo(fifo) and os.lstat(fifo).st_ino != ours
+        assert stat.S_IMODE(os.lstat(fifo).st_mode) == 0o600
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HUNG_TORCH_CLIENT, str(fifo)
+        )
+        try:
+            assert await asyncio.wait_for(client.wait(), 60) == -signal.SIGKILL
+        finally:
+            if client.returncode is None:
+                client.kill()
+                await client.wait()
+        assert server.statistics().kills == 1
+        assert listener.replaced == listener.displaced == 1
+    aside = tmp_path / "timer.fifo.displaced-1"
+    st = os.lstat(aside)
+    if kind == "regular file":
+        assert stat.S_ISREG(st.st_mode) and aside.read_text() == "theirs"
+    elif kind == "symlink":
+        assert stat.S_ISLNK(st.st_mode) and os.readlink(aside) == str(target)
+        assert target is not None and target.read_text() == "precious"
+    elif kind == "directory":
+        assert stat.S_ISDIR(st.st_mode) and (aside / "inside").read_text() == "theirs"
+    else:
+        assert stat.S_ISFIFO(st.st_mode) and st.st_ino != ours
+    assert not fifo.exists()  # ours was removed on close; theirs stays
+    [warning] = fifo_warnings(caplog, fifo)
+    what = "another FIFO" if kind == "FIFO" else kind
+    assert what in warning and "moved it aside to" in warning, warning
+
+
+async def test_a_name_taken_is_skipped_and_what_cannot_be_renamed_is_removed(
+    tmp_path: Path,
+    mock_clock: MockClock,
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiotimer")
+    pid = sleeper().pid
+    fifo = tmp_path / "timer.fifo"
+    planted = tmp_path / "timer.fifo.displaced-1"
+    planted.write_text("left by an earlier server")
+    reaper = RecordingReaper()
+    async with TimerServer(clock=mock_clock, reaper=reaper) as server:
+        listener = await listen_fifo(server, fifo)
+        listener.warn_period = 1.0
+        take_the_path(fifo, "regular file")
+        await until(lambda: listener.replaced == 1)
+        assert (tmp_path / "timer.fifo.displaced-2").read_text() == "theirs"
+        assert planted.read_text() == "left by an earlier server"
+
+        def refuse(src: str, dst: str) -> None:
+            raise PermissionError(1, "Operation not permitted", src)
+
+        # Where it cannot be renamed, a file or symlink is removed (never followed).
+        monkeypatch.setattr(fifo_module, "_rename_noreplace", refuse)
+        target = take_the_path(fifo, "symlink")
+        await until(lambda: listener.replaced == 2)
+        assert is_our_fifo(fifo) and listener.displaced == 2
+        assert target is not None and target.read_text() == "precious"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "target",
+            "timer.fifo",
+            "timer.fifo.displaced-1",
+            "timer.fifo.displaced-2",
+        ]
+        # ... but a directory is someone's: left in place, and said.
+        take_the_path(fifo, "directory")
+        await until(lambda: listener.replaced == 3)
+        assert (fifo / "inside").read_text() == "theirs"
+        # The second and third warnings came within warn_period of the first: summed up.
+        assert len(fifo_warnings(caplog, fifo)) == 1
+        await until(lambda: len(fifo_warnings(caplog, fifo)) == 2)
+        summary = fifo_warnings(caplog, fifo)[1]
+        assert "2 more time" in summary and "cannot be moved aside or removed" in summary
+        # The directory goes: the FIFO is made again and serves.
+        monkeypatch.undo()
+        (fifo / "inside").unlink()
+        fifo.rmdir()
+        await until(lambda: is_our_fifo(fifo))
+        write(fifo, encode_json_request(pid, "after", mock_clock.wall() + 0.3, 9))
+        await until(lambda: server.statistics().active_timers == 1)
+        await mock_clock.advance(0.3)
+        assert reaper.scopes == [["after"]]
+
+
 @pytest.mark.slow
 async def test_a_writer_of_deeply_nested_lines_loses_nobody_elses_request(tmp_path: Path) -> None:
     """One writer sending '[' * 3000 lines every 0.5 ms once made every read raise: releases
     were lost (false kills) and acquires too (hangs unkilled), with a traceback per read."""
-    import signal
-    import sys
-    import textwrap
-
     fifo = tmp_path / "f"
     client = textwrap.dedent("""
         import os, sys, time
