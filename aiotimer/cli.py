@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -366,19 +367,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             err = StreamSink("stderr", sys.stderr.buffer)
             _configure_logging(args.log_level, events_printed=False, sink=err)
-            fifo = args.fifo or os.path.join(tempfile.gettempdir(), f"aiotimer-{os.getpid()}.fifo")
-            served = _run(
-                serve_command(
-                    cmd,
-                    fifo=fifo,
-                    roots=args.root,
-                    reaper=reaper,
-                    event_log=args.event_log,
-                    metrics_port=args.metrics_port,
-                    metrics_host=args.metrics_host,
-                    realtime=_realtime(args.realtime),
+            # The default FIFO goes in a fresh 0700 directory: a fixed name in /tmp
+            # could be taken (or swapped) first by any user.
+            private = None if args.fifo else tempfile.mkdtemp(prefix="aiotimer-")
+            fifo = args.fifo if private is None else os.path.join(private, "timer.fifo")
+            try:
+                served = _run(
+                    serve_command(
+                        cmd,
+                        fifo=fifo,
+                        roots=args.root,
+                        reaper=reaper,
+                        event_log=args.event_log,
+                        metrics_port=args.metrics_port,
+                        metrics_host=args.metrics_host,
+                        realtime=_realtime(args.realtime),
+                    )
                 )
-            )
+            finally:
+                if private is not None:  # with whatever was moved aside in it
+                    shutil.rmtree(private, ignore_errors=True)
             err.close()
             return served
         output = Output(sys.stdout.buffer, sys.stderr.buffer)

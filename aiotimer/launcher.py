@@ -708,7 +708,10 @@ async def serve_command(
     log = None if event_log is None else JsonEventLog(event_log)
     err = StreamSink("stderr", sys.stderr.buffer)
     async with TimerServer(reaper=reaper, log_event=log, realtime=realtime) as server:
-        await listen_fifo(server, fifo, roots=roots)
+        try:
+            await listen_fifo(server, fifo, roots=roots)
+        except (FileExistsError, PermissionError) as exc:  # taken since the check, or not ours
+            raise UsageError(f"--fifo {fifo}: {exc.strerror or exc}") from None
         if metrics_port is not None:
             metrics = server.serve_metrics(host=metrics_host, port=metrics_port)
             err.write(f"aiotimer: metrics on {metrics.url} (health: /healthz)\n".encode())

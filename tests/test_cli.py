@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,46 @@ def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("FIFO", "is a FIFO of another user (uid 65534)"), ("file", "exists and is not a FIFO")],
+)
+def test_serve_on_a_path_another_user_owns_is_one_line_exit_2(
+    tmp_path: Path, kind: str, message: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another user")
+    taken = tmp_path / "timer.fifo"
+    if kind == "FIFO":
+        os.mkfifo(taken)
+    else:
+        taken.write_text("theirs")
+    os.chown(taken, 65534, 65534)
+    result = aiotimer_cli("serve", "--fifo", str(taken), "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.lstat(taken).st_uid == 65534  # theirs, left alone
+
+
+def test_serves_default_fifo_is_in_a_private_directory_removed_on_exit(tmp_path: Path) -> None:
+    # A fixed default name in /tmp, taken first by another user, made serve exit
+    # with a traceback (and another user's FIFO could have been written into).
+    seen = tmp_path / "seen"
+    code = (
+        "import os, stat, sys; p = os.environ['TORCHELASTIC_TIMER_FILE']; "
+        "open(sys.argv[1], 'w').write(' '.join(map(str, (p, "
+        "oct(stat.S_IMODE(os.lstat(os.path.dirname(p)).st_mode)), "
+        "stat.S_ISFIFO(os.lstat(p).st_mode)))))"
+    )
+    result = aiotimer_cli("serve", "--", sys.executable, "-c", code, str(seen))
+    assert result.returncode == 0, result.stderr
+    path, mode, is_fifo = seen.read_text().split()
+    assert mode == "0o700" and is_fifo == "True"
+    assert not os.path.exists(os.path.dirname(path))
 
 
 def test_version_and_help() -> None:
