@@ -34,6 +34,9 @@ class Caps:
     timers_per_process: int | None = 10_000
     #: characters of the scopes of one process's live timers
     scope_chars_per_process: int | None = 1 << 20
+    #: bytes the live timers of one worker tree may hold (``TIMER_BYTES`` plus the
+    #: scope per timer): 64 MiB, some 300,000 timers, whatever its processes number
+    timer_bytes_per_tree: int | None = 64 << 20
 
 
 @dataclass
@@ -166,6 +169,7 @@ class Dispatcher:
         revalidate = channel.revalidate
         max_timers = self.caps.timers_per_process
         max_chars = self.caps.scope_chars_per_process
+        max_tree_bytes = self.caps.timer_bytes_per_tree
         # One reading of the clock for the batch: it arrived at one instant.
         now = self._clock.now()
         accepted = 0
@@ -221,14 +225,19 @@ class Dispatcher:
                 signal=sig,
                 max_timers=max_timers,
                 max_scope_chars=max_chars,
+                group=process.tree,
+                max_group_bytes=max_tree_bytes,
             )
             if timer is None:
                 timers, chars = heap.usage(process.id)
+                held = heap.group_bytes(process.tree)
                 self.reject(
                     channel,
-                    f"pid {pid} has {timers} timers with {chars} characters of scopes; "
-                    f"{scope[:80]!r} would exceed its caps (timers_per_process={max_timers}, "
-                    f"scope_chars_per_process={max_chars})",
+                    f"pid {pid} has {timers} timers with {chars} characters of scopes, its "
+                    f"worker tree {process.tree} {held} bytes of timers; {scope[:80]!r} would "
+                    f"exceed a cap (timers_per_process={max_timers}, "
+                    f"scope_chars_per_process={max_chars}, "
+                    f"timer_bytes_per_tree={max_tree_bytes})",
                     "over_cap",
                 )
                 continue

@@ -24,7 +24,11 @@ import heapq
 import math
 from typing import NamedTuple
 
-__all__ = ["DeadlineHeap", "OwnerTimers", "Timer"]
+__all__ = ["TIMER_BYTES", "DeadlineHeap", "OwnerTimers", "Timer"]
+
+#: What one live timer is counted to cost, in bytes, besides its scope's characters
+#: (measured: about 200 bytes per timer, index and heap entry included).
+TIMER_BYTES = 200
 
 # Below this much garbage (per owner, and in the global heap), pruning costs
 # more than the memory it frees.
@@ -59,10 +63,12 @@ _Entry = tuple[float, int]
 class OwnerTimers:
     """One owner's timers: its own heap, its index, its usage, its global entry."""
 
-    __slots__ = ("chars", "count", "entry", "garbage", "heap", "index", "owner")
+    __slots__ = ("chars", "count", "entry", "garbage", "group", "heap", "index", "owner")
 
-    def __init__(self, owner: int) -> None:
+    def __init__(self, owner: int, group: list[int]) -> None:
         self.owner = owner
+        #: the bytes its group (worker tree) holds, shared with the group's other owners
+        self.group = group
         #: this owner's timers, earliest first, released ones deleted lazily
         self.heap: list[Timer] = []
         #: channel -> scope -> live timer.  Nested: most owners use one channel.
@@ -132,9 +138,11 @@ class DeadlineHeap:
     Setting an existing ``(owner, scope, channel)`` replaces its deadline and signal.
     """
 
-    __slots__ = ("_garbage", "_heap", "_live", "_owners", "_stale")
+    __slots__ = ("_garbage", "_groups", "_heap", "_live", "_owners", "_stale")
 
     def __init__(self) -> None:
+        # group -> [bytes its owners' timers hold, owners]: budgets per worker tree
+        self._groups: dict[int, list[int]] = {}
         #: the global heap: one entry per owner with live timers (and stale ones)
         self._heap: list[_Entry] = []
         self._owners: dict[int, OwnerTimers] = {}
@@ -174,32 +182,50 @@ class DeadlineHeap:
         signal: int = 0,
         max_timers: int | None = None,
         max_scope_chars: int | None = None,
+        group: int | None = None,
+        max_group_bytes: int | None = None,
     ) -> Timer | None:
         """``set``, unless a new timer would take ``owner`` over a cap; then ``None``.
 
         ``max_timers`` caps the owner's live timers, ``max_scope_chars`` the
-        characters of their scopes.  Re-arming a timer the owner has is never refused.
+        characters of their scopes; ``max_group_bytes`` the bytes
+        (``TIMER_BYTES`` + the scope's length per timer) of every owner in
+        ``group`` (a worker tree; the owner's own id if ``None``), taken when the
+        owner's first timer is set.  Re-arming a timer the owner has is never refused.
         """
         state = self._owners.get(owner)
+        cost = TIMER_BYTES + len(scope)
         if state is None:
             if max_timers is not None and max_timers < 1:
                 return None
             if max_scope_chars is not None and len(scope) > max_scope_chars:
                 return None
-            state = self._owners[owner] = OwnerTimers(owner)
+            key = owner if group is None else group
+            held = self._groups.get(key)
+            if max_group_bytes is not None and (held[0] if held else 0) + cost > max_group_bytes:
+                return None
+            if held is None:
+                held = self._groups[key] = [0, 0, key]
+            held[1] += 1
+            state = self._owners[owner] = OwnerTimers(owner, held)
         index = state.index
         timers = index.get(channel)
         if timers is None:
             timers = index[channel] = {}
         if timers.get(scope) is None:
-            if (max_timers is not None and state.count >= max_timers) or (
-                max_scope_chars is not None and state.chars + len(scope) > max_scope_chars
+            if (
+                (max_timers is not None and state.count >= max_timers)
+                or (max_scope_chars is not None and state.chars + len(scope) > max_scope_chars)
+                or (max_group_bytes is not None and state.group[0] + cost > max_group_bytes)
             ):
                 if not timers:
                     del index[channel]
+                    if state.count == 0:
+                        self._forget(state)
                 return None
             state.count += 1
             state.chars += len(scope)
+            state.group[0] += cost
             self._live += 1
         else:
             state.garbage += 1
@@ -229,9 +255,14 @@ class DeadlineHeap:
         return None if timers is None else timers.get(scope)
 
     def _forget(self, state: OwnerTimers) -> None:
-        """``state`` has no live timer left: drop it (its global entry turns stale)."""
+        """``state`` has no live timer left (or is dropped): forget it and its group share."""
         del self._owners[state.owner]
         self._garbage -= state.garbage
+        group = state.group
+        group[0] -= state.count * TIMER_BYTES + state.chars
+        group[1] -= 1
+        if group[1] <= 0:
+            self._groups.pop(group[2], None)
         if state.entry is not None:
             self._stale += 1
             state.entry = None
@@ -251,6 +282,7 @@ class DeadlineHeap:
         self._live -= 1
         state.count -= 1
         state.chars -= len(scope)
+        state.group[0] -= TIMER_BYTES + len(scope)
         if state.count == 0:
             self._forget(state)
             return True
@@ -301,6 +333,11 @@ class DeadlineHeap:
         """Release every timer of ``owner`` and return them (O(its timers); see ``drop_owner``)."""
         state = self.drop_owner(owner)
         return [] if state is None else state.timers()
+
+    def group_bytes(self, group: int) -> int:
+        """Bytes the timers of ``group``'s owners hold (see ``try_set``)."""
+        held = self._groups.get(group)
+        return 0 if held is None else held[0]
 
     def usage(self, owner: int) -> tuple[int, int]:
         """``owner``'s live timers and the characters of their scopes."""
@@ -390,11 +427,11 @@ class DeadlineHeap:
         self._live -= 1
         state.count -= 1
         state.chars -= len(timer[2])
+        state.group[0] -= TIMER_BYTES + len(timer[2])
         if state.count == 0:
             _heappop(self._heap)
             state.entry = None
-            del self._owners[state.owner]
-            self._garbage -= state.garbage
+            self._forget(state)  # its entry was just popped: nothing left stale
             return timer
         before = state.garbage
         top = state.top()

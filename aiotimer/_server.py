@@ -76,6 +76,7 @@ def _checked(
     max_timers: int | None,
     max_scope_chars: int | None,
     max_per_channel: int | None,
+    max_tree_bytes: int | None,
     incident_dir: str | os.PathLike[str] | None,
     dump_timeout: float,
     realtime: bool | Literal["auto"],
@@ -107,6 +108,7 @@ def _checked(
         caps=Caps(
             check_count("max_timers_per_process", max_timers, optional=True),
             check_count("max_scope_chars_per_process", max_scope_chars, optional=True),
+            check_count("max_timer_bytes_per_tree", max_tree_bytes, optional=True),
         ),
         per_channel=check_count("max_processes_per_channel", max_per_channel, optional=True),
         # Asked for explicitly (True), a refusal is a warning; "auto" says it at info level.
@@ -176,14 +178,14 @@ class TimerServer:
     ``IncidentReaper``).  Caps, so no client can exhaust the server (``None``: no
     cap; over a cap, a request is rejected with its reason):
     ``max_timers_per_process``, ``max_scope_chars_per_process``,
-    ``max_processes_per_channel``.  ``realtime``: run the loop's thread on
-    SCHED_RR from shortly before each deadline until it is dealt with, so that
-    CPU-bound neighbours cannot hold back a kill (see ``realtime``); needs
-    CAP_SYS_NICE or ``ulimit -r`` >= 1, and without it the server logs a warning
-    (``"auto"``: an info line) and runs at normal priority.  ``guard_after``: if
-    the loop leaves a deadline unhandled this many seconds and does not answer, a
-    thread SIGKILLs the due processes itself (see ``aiotimer._guard``; ``None``:
-    no guard; only on the system clock).
+    ``max_processes_per_channel``, ``max_timer_bytes_per_tree`` (the timers of a
+    worker and its descendants, at ``TIMER_BYTES`` (200) plus the scope each).
+    ``realtime``: run the loop's thread on SCHED_RR from shortly before each deadline until it
+    is dealt with, so that CPU-bound neighbours cannot hold back a kill (see ``realtime``);
+    needs CAP_SYS_NICE or ``ulimit -r`` >= 1, and without it the server logs a warning
+    (``"auto"``: an info line) and runs at normal priority.  ``guard_after``: if the loop leaves
+    a deadline unhandled this many seconds and does not answer, a thread SIGKILLs the due
+    processes itself (see ``aiotimer._guard``; ``None``: no guard; only on the system clock).
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class TimerServer:
         max_timers_per_process: int | None = 10_000,
         max_scope_chars_per_process: int | None = 1 << 20,
         max_processes_per_channel: int | None = 1024,
+        max_timer_bytes_per_tree: int | None = 64 << 20,
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
         realtime: bool | Literal["auto"] = False,
@@ -213,6 +216,7 @@ class TimerServer:
             max_timers_per_process,
             max_scope_chars_per_process,
             max_processes_per_channel,
+            max_timer_bytes_per_tree,
             incident_dir,
             dump_timeout,
             realtime,

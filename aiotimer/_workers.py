@@ -84,6 +84,10 @@ async def start_worker_process(
             lambda: _ExitStatus(limit, loop),
             program,
             *args,
+            # create_subprocess_exec's defaults (inherit), not subprocess_exec's (PIPE)
+            stdin=kwargs.pop("stdin", None),
+            stdout=kwargs.pop("stdout", None),
+            stderr=kwargs.pop("stderr", None),
             env=child_env,
             pass_fds=pass_fds,
             **kwargs,

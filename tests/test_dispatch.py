@@ -28,6 +28,7 @@ class FakeProcess:
     channels: set[int] = field(default_factory=set)
     clock_offset: float = math.inf
     clock_exact: bool = False
+    tree: int = 0
 
     def gone(self) -> bool:
         self.exited = self.exited or not self.alive

@@ -140,3 +140,52 @@ def test_memory_per_live_timer_is_about_200_bytes() -> None:
     per_timer = (after - before) / n
     assert len(heap) == n
     assert per_timer <= 220, f"{per_timer:.0f} bytes per timer"
+
+
+def test_a_group_budget_caps_the_bytes_of_all_its_owners_and_is_freed_exactly() -> None:
+    from aiotimer._heap import TIMER_BYTES
+
+    heap = DeadlineHeap()
+    cap = 10 * (TIMER_BYTES + 2)
+    armed = [
+        heap.try_set(owner, f"s{i}", 1.0 + i, group=7, max_group_bytes=cap)
+        for owner in (1, 2, 3)
+        for i in range(5)
+    ]
+    assert sum(t is not None for t in armed) == 10  # 5 + 5, the third owner refused
+    assert heap.group_bytes(7) == cap and heap.owners() == [1, 2]
+    assert heap.try_set(9, "other tree", 1.0, group=8, max_group_bytes=cap) is not None
+    heap.remove(1, "s0")
+    heap.pop_due(2.0)  # owner 1's "s1" (2.0) or owner 2's "s0" (1.0): either way one timer
+    assert heap.group_bytes(7) == cap - 2 * (TIMER_BYTES + 2)
+    heap.drop_owner(2)
+    heap.drop_owner(1)
+    assert heap.group_bytes(7) == 0 and heap._groups.keys() == {8}
+
+
+def test_group_bytes_match_a_reference_model_under_random_operations() -> None:
+    from aiotimer._heap import TIMER_BYTES
+
+    rng = random.Random(99)
+    heap = DeadlineHeap()
+    model: dict[tuple[int, str], float] = {}
+    for _ in range(20_000):
+        r = rng.random()
+        owner = rng.randrange(6)
+        key = (owner, f"s{rng.randrange(5)}")
+        if r < 0.5:
+            heap.try_set(*key, rng.uniform(0, 100), group=owner % 2)
+            model[key] = 0.0
+        elif r < 0.8:
+            heap.remove(*key)
+            model.pop(key, None)
+        elif r < 0.9:
+            for o, ts in heap.pop_expired(rng.uniform(0, 50)):
+                for t in ts:
+                    model.pop((o, t.scope), None)
+        else:
+            heap.drop_owner(owner)
+            model = {k: v for k, v in model.items() if k[0] != owner}
+        for group in (0, 1):
+            want = sum(TIMER_BYTES + len(s) for (o, s) in model if o % 2 == group)
+            assert heap.group_bytes(group) == want

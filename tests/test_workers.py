@@ -283,3 +283,17 @@ async def test_every_worker_exit_is_reported_exactly_once_over_many_runs() -> No
         assert sorted((e.pid, e.returncode) for e in seen) == sorted(
             (w.pid, s) for w, s in zip(workers, statuses, strict=True)
         )
+
+
+async def test_a_worker_inherits_stdio_unless_asked_for_pipes() -> None:
+    """As asyncio.create_subprocess_exec: no pipes (and no fds left behind) by default."""
+    async with TimerServer() as server:
+        worker = await server.spawn(sys.executable, "-c", "pass")
+        assert (worker.stdin, worker.stdout, worker.stderr) == (None, None, None)
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0
+        piped = await server.spawn(
+            sys.executable, "-c", "print('hi')", stdout=asyncio.subprocess.PIPE
+        )
+        assert piped.stdout is not None and piped.stdin is None
+        assert await asyncio.wait_for(piped.stdout.read(), WAIT) == b"hi\n"
+        assert await asyncio.wait_for(piped.wait(), WAIT) == 0
