@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple, TypeVar
 
 __all__ = ["TIMER_BYTES", "DeadlineHeap", "OwnerTimers", "Timer"]
 
@@ -58,6 +59,28 @@ _INF = math.inf
 
 # One global entry: (the owner's earliest deadline, at most; the owner).
 _Entry = tuple[float, int]
+_Keyed = TypeVar("_Keyed", Timer, _Entry)
+
+
+def _up_to(heap: list[_Keyed], until: float) -> Iterator[_Keyed]:
+    """The entries of a heap array keyed ``<= until``, in no order, others never visited.
+
+    A walk down from the root that stops at an entry keyed above ``until``: so is
+    every entry below it.  The heap is only read.
+    """
+    stack = [0] if heap else []
+    size = len(heap)
+    while stack:
+        i = stack.pop()
+        item = heap[i]
+        if item[0] > until:
+            continue
+        yield item
+        child = 2 * i + 1
+        if child < size:
+            stack.append(child)
+            if child + 1 < size:
+                stack.append(child + 1)
 
 
 class OwnerTimers:
@@ -98,25 +121,14 @@ class OwnerTimers:
 
     def due(self, until: float, limit: int | None = None) -> list[Timer]:
         """Live timers with ``deadline <= until`` (at most ``limit``), left in place, unordered."""
-        heap = self.heap
         index = self.index
         found: list[Timer] = []
-        stack = [0] if heap else []
-        while stack:
-            i = stack.pop()
-            timer = heap[i]
-            if timer[0] > until:  # so is every entry below it
-                continue
+        for timer in _up_to(self.heap, until):
             timers = index.get(timer[3])
             if timers is not None and timers.get(timer[2]) is timer:
                 found.append(timer)
                 if limit is not None and len(found) >= limit:
                     break
-            child = 2 * i + 1
-            if child < len(heap):
-                stack.append(child)
-                if child + 1 < len(heap):
-                    stack.append(child + 1)
         return found
 
     def timers(self) -> list[Timer]:
@@ -392,26 +404,15 @@ class DeadlineHeap:
 
         Read-only (another thread may call it: the guard).
         """
-        heap = self._heap
         owners = self._owners
         found: list[Timer] = []
-        stack = [0] if heap else []
-        while stack:
-            i = stack.pop()
-            entry = heap[i]
-            if entry[0] > until:  # so is every entry below it
-                continue
+        for entry in _up_to(self._heap, until):
             state = owners.get(entry[1])
             if state is not None and state.entry is entry:
                 left = None if limit is None else limit - len(found)
                 found += state.due(until, left)
                 if limit is not None and len(found) >= limit:
                     break
-            child = 2 * i + 1
-            if child < len(heap):
-                stack.append(child)
-                if child + 1 < len(heap):
-                    stack.append(child + 1)
         return found
 
     def pop_due(self, now: float) -> Timer | None:
