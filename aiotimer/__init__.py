@@ -14,43 +14,89 @@ Launcher side::
         await worker.wait()
 """
 
-from ._client import PipeClient as PipeClient
-from ._client import TimerClient as TimerClient
-from ._client import TimerScope as TimerScope
-from ._client import configure as configure
-from ._client import expires as expires
-from ._client import get_client as get_client
-from ._client import timer as timer
-from ._clock import Clock as Clock
-from ._clock import SystemClock as SystemClock
-from ._eventlog import JsonEventLog as JsonEventLog
-from ._events import Event as Event
-from ._events import EventBus as EventBus
-from ._events import IncidentRecorded as IncidentRecorded
-from ._events import KillWorkerProcess as KillWorkerProcess
-from ._events import LogEvent as LogEvent
-from ._events import RequestRejected as RequestRejected
-from ._events import SignalSent as SignalSent
-from ._events import Statistics as Statistics
-from ._events import TimerExpired as TimerExpired
-from ._events import WatchdogStarted as WatchdogStarted
-from ._events import WatchdogStopped as WatchdogStopped
-from ._events import WorkerExited as WorkerExited
-from ._exceptions import AiotimerError as AiotimerError
-from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
-from ._exceptions import ProtocolError as ProtocolError
-from ._exceptions import ServerUnavailableError as ServerUnavailableError
-from ._expiry import ExpiredTimer as ExpiredTimer
-from ._expiry import Expiry as Expiry
-from ._expiry import Reaper as Reaper
-from ._heap import DeadlineHeap as DeadlineHeap
-from ._heap import Timer as Timer
-from ._incidents import Incident as Incident
-from ._incidents import IncidentReaper as IncidentReaper
-from ._metrics import MetricsServer as MetricsServer
-from ._reapers import SignalReaper as SignalReaper
-from ._server import TimerServer as TimerServer
-from ._workers import Worker as Worker
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._client import PipeClient as PipeClient
+    from ._client import TimerClient as TimerClient
+    from ._client import TimerScope as TimerScope
+    from ._client import configure as configure
+    from ._client import expires as expires
+    from ._client import get_client as get_client
+    from ._client import timer as timer
+    from ._clock import Clock as Clock
+    from ._clock import SystemClock as SystemClock
+    from ._eventlog import JsonEventLog as JsonEventLog
+    from ._events import Event as Event
+    from ._events import EventBus as EventBus
+    from ._events import IncidentRecorded as IncidentRecorded
+    from ._events import KillWorkerProcess as KillWorkerProcess
+    from ._events import LogEvent as LogEvent
+    from ._events import RequestRejected as RequestRejected
+    from ._events import SignalSent as SignalSent
+    from ._events import Statistics as Statistics
+    from ._events import TimerExpired as TimerExpired
+    from ._events import WatchdogStarted as WatchdogStarted
+    from ._events import WatchdogStopped as WatchdogStopped
+    from ._events import WorkerExited as WorkerExited
+    from ._exceptions import AiotimerError as AiotimerError
+    from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
+    from ._exceptions import ProtocolError as ProtocolError
+    from ._exceptions import ServerUnavailableError as ServerUnavailableError
+    from ._expiry import ExpiredTimer as ExpiredTimer
+    from ._expiry import Expiry as Expiry
+    from ._expiry import Reaper as Reaper
+    from ._heap import DeadlineHeap as DeadlineHeap
+    from ._heap import Timer as Timer
+    from ._incidents import Incident as Incident
+    from ._incidents import IncidentReaper as IncidentReaper
+    from ._metrics import MetricsServer as MetricsServer
+    from ._reapers import SignalReaper as SignalReaper
+    from ._server import TimerServer as TimerServer
+    from ._workers import Worker as Worker
+
+# Imported on first use (PEP 562): a worker that only enters deadline blocks loads the
+# client, the protocol and the validation, not the server (135 ms of imports).
+_WHERE = {
+    "PipeClient": "._client",
+    "TimerClient": "._client",
+    "TimerScope": "._client",
+    "configure": "._client",
+    "expires": "._client",
+    "get_client": "._client",
+    "timer": "._client",
+    "Clock": "._clock",
+    "SystemClock": "._clock",
+    "JsonEventLog": "._eventlog",
+    "Event": "._events",
+    "EventBus": "._events",
+    "IncidentRecorded": "._events",
+    "KillWorkerProcess": "._events",
+    "LogEvent": "._events",
+    "RequestRejected": "._events",
+    "SignalSent": "._events",
+    "Statistics": "._events",
+    "TimerExpired": "._events",
+    "WatchdogStarted": "._events",
+    "WatchdogStopped": "._events",
+    "WorkerExited": "._events",
+    "AiotimerError": "._exceptions",
+    "ClientNotConfiguredError": "._exceptions",
+    "ProtocolError": "._exceptions",
+    "ServerUnavailableError": "._exceptions",
+    "ExpiredTimer": "._expiry",
+    "Expiry": "._expiry",
+    "Reaper": "._expiry",
+    "DeadlineHeap": "._heap",
+    "Timer": "._heap",
+    "Incident": "._incidents",
+    "IncidentReaper": "._incidents",
+    "MetricsServer": "._metrics",
+    "SignalReaper": "._reapers",
+    "TimerServer": "._server",
+    "Worker": "._workers",
+}
 
 __version__ = "0.1.0"
 
@@ -99,3 +145,17 @@ __all__ = [
     "ProtocolError",
     "ServerUnavailableError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiotimer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

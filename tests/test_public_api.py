@@ -80,3 +80,34 @@ def test_package_ships_py_typed() -> None:
     from importlib.resources import files
 
     assert files("aiotimer").joinpath("py.typed").is_file()
+
+
+def test_the_client_side_imports_no_server_module() -> None:
+    """A worker that only enters deadline blocks pays for the client, not the server."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import aiotimer; aiotimer.expires; aiotimer.timer; "
+        "aiotimer.ServerUnavailableError; print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    ours = {m for m in loaded if m.startswith("aiotimer")}
+    assert ours == {
+        "aiotimer",
+        "aiotimer._client",
+        "aiotimer._exceptions",
+        "aiotimer._protocol",
+        "aiotimer._validate",
+    }
+    assert not loaded & {"asyncio.subprocess", "multiprocessing", "aiotimer.transports"}
+
+
+def test_every_public_name_resolves_lazily() -> None:
+    for name in aiotimer.__all__:
+        assert getattr(aiotimer, name) is not None
+    assert set(aiotimer.__all__) <= set(dir(aiotimer))
