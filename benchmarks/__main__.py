@@ -430,6 +430,14 @@ def bench_client(calls: int, has_torch: bool, report: Report) -> list[dict[str, 
             for r in rows
         ],
     )
+    progress("client cost: imports in a fresh interpreter")
+    imports = client.import_cost_ms()
+    rows += [{"scenario": "imports", "import": k, "ms_above_bare": v} for k, v in imports.items()]
+    report.table(
+        "Client import cost: a worker's imports, ms above a bare interpreter (median of 15)",
+        ["import", "ms"],
+        [[k, fmt(v)] for k, v in imports.items()],
+    )
     return rows
 
 

@@ -116,3 +116,37 @@ def torch_client(calls: int = CALLS) -> dict[str, float]:
 def _torch_block(expires: Any, client: Any, scope: str | None) -> None:
     with expires(after=60, scope=scope, client=client):
         pass
+
+
+def import_cost_ms(runs: int = 15) -> dict[str, float]:
+    """Milliseconds a fresh interpreter spends on the client's imports, above a bare one.
+
+    The median over ``runs`` starts of ``python -c pass`` and of the same with the
+    import a worker makes (aiotimer's client; torch's timer client, when installed).
+    """
+    import statistics
+    import sys
+
+    def start(code: str) -> float:
+        times = []
+        for _ in range(runs):
+            begin = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times) * 1e3
+
+    bare = start("pass")
+    costs = {
+        "aiotimer: import aiotimer; aiotimer.expires": start("import aiotimer; aiotimer.expires")
+        - bare
+    }
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is not None:
+            costs["torch: import torch.distributed.elastic.timer"] = (
+                start("import torch.distributed.elastic.timer") - bare
+            )
+    except (ImportError, ValueError):
+        pass
+    return costs
