@@ -297,3 +297,45 @@ async def test_a_worker_inherits_stdio_unless_asked_for_pipes() -> None:
         assert piped.stdout is not None and piped.stdin is None
         assert await asyncio.wait_for(piped.stdout.read(), WAIT) == b"hi\n"
         assert await asyncio.wait_for(piped.wait(), WAIT) == 0
+
+
+async def test_closing_waits_until_asyncio_has_reaped_every_worker(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The pidfd can report a worker's exit (its status read with WNOWAIT) before asyncio's
+    child watcher has reaped it: on Python 3.11's own loop that watcher is a thread per
+    child, which a busy machine runs late.  Closing the server must wait for the watcher.
+    Otherwise the loop closes with the worker's subprocess transport still "running", and
+    whichever later test collects it fails on the ResourceWarning ("subprocess N is still
+    running"): the flaky uvloop variant of the adversarial channel test (issue 23, item 1)."""
+    import threading
+    import time
+
+    if sys.version_info < (3, 12) and isinstance(
+        asyncio.get_running_loop(), asyncio.SelectorEventLoop
+    ):
+        # The fix belongs in aiotimer/_workers.py (WorkerSet: on an exit the pidfd reported
+        # first, keep worker.exit_status() and await it in kill_all), which is being changed
+        # by another engineer right now; see the report on issue 23.  Strict: it says so
+        # when fixed.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="WorkerSet.kill_all does not wait for the reap")
+        )
+    real_waitpid = os.waitpid
+
+    def late_waitpid(pid: int, options: int) -> tuple[int, int]:
+        if threading.current_thread().name.startswith("asyncio-waitpid"):
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # until it exits, not reaped
+            time.sleep(0.3)  # the watcher thread gets a CPU late, as on two busy cores
+        return real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", late_waitpid)
+    async with TimerServer() as server:
+        worker = await server.spawn(*py(HANG), stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        assert await asyncio.wait_for(worker.stdout.readline(), WAIT) == b"ready\n"
+        assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+    # asyncio's own view of the process (its transport's return code): reaped, not running.
+    seen = worker.returncode
+    await asyncio.wait_for(worker.exit_status(), WAIT)  # leave nothing for a later test
+    assert seen == -signal.SIGKILL
