@@ -5,14 +5,18 @@ On an expiry, ``IncidentReaper`` works in steps (the escalation tiers):
 1. capture the hung process's stacks (py-spy, or the client's faulthandler
    dump), and, in parallel, the other processes of its job (the culprit is
    often the rank that never joined the collective).  Bounded: the kill is
-   never later than ``deadline + dump_timeout``;
+   never later than ``deadline + dump_timeout``.  Each process is captured
+   once per burst, and that capture is copied into every incident that lists
+   the process (its own included, even if it finished after the kill), stamped
+   with when it was taken relative to that incident's deadline;
 2. if the process runs under torchrun (``TORCHELASTIC_ERROR_FILE`` in its
    environment), write torch's error file, so torchrun's "Root Cause" names the
    expired scope and the hung stack instead of "Signal 9 received";
 3. the kill itself (by default ``SignalReaper``: signal, grace, SIGKILL), or
    nothing at all in observe mode;
 4. one JSON file per incident, never overwriting another, and a readable
-   ``.txt`` beside it, each step and its time in both.
+   ``.txt`` beside it, each step and its time in both, and a "likely culprit"
+   when exactly one rank is outside the collective the others wait in.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._clock import monotonic_to_wall
+from ._clock import Clock, monotonic_to_wall
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
 from ._ioplane import run_blocking
@@ -42,17 +46,30 @@ from ._reapers import SignalReaper
 from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy
 from ._validate import check_seconds
 
-__all__ = ["DEFAULT_DUMP_TIMEOUT", "Incident", "IncidentReaper", "IncidentRecorder"]
+__all__ = [
+    "DEFAULT_DUMP_TIMEOUT",
+    "Incident",
+    "IncidentReaper",
+    "IncidentRecorder",
+    "likely_culprit",
+]
 
-#: Seconds after a deadline by which the kill goes out, captured or not.
-DEFAULT_DUMP_TIMEOUT = 1.0
+#: Seconds after a deadline by which the kill goes out, captured or not.  Measured
+#: (``py-spy dump --native``, torch 2.13, 2 cores both kept busy): an idle torch
+#: process 0.35-0.82 s, a gloo rank waiting in ``all_reduce`` 0.85-1.38 s, both
+#: ranks of a 2-rank job at once 1.0-1.9 s (p90), 3.7 s at worst.  The kill goes
+#: out as soon as the capture is in: the bound is only reached when it is slow.
+DEFAULT_DUMP_TIMEOUT = 5.0
 # The other processes' captures may run this much longer than the hung one's:
 # they are not being killed, but the incident waits for them.
 _OTHERS_EXTRA = 2.0
 # At most this many other processes are captured.
 _OTHERS_MAX = 32
-# A capture started this recently is shared with any incident that wants it.
+# A capture is shared with every incident that wants it while it runs and for
+# this long after it finished (one burst); each incident says when it was taken.
 _SHARE_FOR = 2.0
+# Python files whose frames are a collective (the innermost one names it).
+_COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py",)
 # Most bytes of a /proc file (cmdline) read: a process controls its own.
 _PROC_BYTES = 64 * 1024
 _seq = itertools.count(1)
@@ -81,6 +98,8 @@ class _Facts:
     local_rank: str | None = None
     command: tuple[str, ...] = ()
     torch_error_file: str | None = None
+    #: the attempt (restart count, from 0) it belongs to, as its launcher said
+    attempt: str | None = None
 
 
 def _facts(pid: int) -> _Facts:
@@ -90,6 +109,7 @@ def _facts(pid: int) -> _Facts:
         env.get("LOCAL_RANK"),
         tuple(_cmdline(pid)),
         env.get("TORCHELASTIC_ERROR_FILE"),
+        env.get("AIOTIMER_RESTART_COUNT") or env.get("TORCHELASTIC_RESTART_COUNT"),
     )
 
 
@@ -98,6 +118,107 @@ def _signame(sig: int) -> str:
         return _signal.Signals(sig).name
     except ValueError:
         return str(sig)
+
+
+class _Capture:
+    """One capture of one process's stacks, shared by every incident of a burst that lists it.
+
+    ``started`` and ``finished`` are on the server's clock, so each incident can
+    say when the stacks were taken relative to its own deadline.
+    """
+
+    __slots__ = ("finished", "pid", "started", "task", "with_dump")
+
+    def __init__(
+        self, pid: int, task: asyncio.Task[Stacks], clock: Clock, *, with_dump: bool
+    ) -> None:
+        self.pid = pid
+        self.task = task
+        self.started = clock.now()
+        self.finished: float | None = None
+        #: whether it may fall back on the client's faulthandler dump (it had an expiry)
+        self.with_dump = with_dump
+        task.add_done_callback(lambda _: setattr(self, "finished", clock.now()))
+
+    def result(self) -> Stacks | None:
+        """The stacks, once the capture has finished (a capture never raises)."""
+        if not self.task.done() or self.task.cancelled() or self.task.exception() is not None:
+            return None
+        return self.task.result()
+
+    def stacks(self, bound: float) -> Stacks:
+        """The stacks, or why there are none (it had not finished within ``bound`` seconds)."""
+        found = self.result()
+        if found is not None:
+            return found
+        return Stacks(self.pid, reason=f"not captured within {bound:.3g}s")
+
+    def taken(self, deadline: float) -> dict[str, float | None]:
+        """When it was taken and finished, in seconds after ``deadline`` (negative: before)."""
+        return {
+            "after_deadline": round(self.started - deadline, 6),
+            "done_after_deadline": None
+            if self.finished is None
+            else round(self.finished - deadline, 6),
+        }
+
+
+def _taken_text(taken: object) -> str:
+    """``taken at the deadline +0.012s, done +0.188s`` (for the incident's text)."""
+    if not isinstance(taken, dict) or not isinstance(taken.get("after_deadline"), float):
+        return ""
+    text = f"taken at the deadline {taken['after_deadline']:+.3f}s"
+    done = taken.get("done_after_deadline")
+    return text + (f", done {done:+.3f}s" if isinstance(done, float) else ", not done")
+
+
+def _collective(stacks: Stacks) -> str | None:
+    """The collective a process waits in (torch.distributed's function), if any."""
+    for thread in stacks.threads:
+        for frame in thread.frames:  # innermost first
+            if not frame.native and frame.file.replace("\\", "/").endswith(_COLLECTIVE_FILES):
+                return frame.function
+    return None
+
+
+def likely_culprit(processes: Iterable[tuple[int, str | None, Stacks | None]]) -> str | None:
+    """The likely culprit (``rank R (pid P), the only rank not in C, ...``), or ``None``.
+
+    ``processes``: each process of the job as ``(pid, rank, stacks)``.  A rank is
+    in a collective if any of its processes' stacks is in one
+    (``torch.distributed``'s ``all_reduce``, ``barrier``, ...).  Said only when
+    every rank's stacks are known, all but one rank wait in the same
+    collective, and that one waits in none: the rank that never joined.
+    """
+    ranks: dict[str, list[tuple[int, Stacks | None]]] = {}
+    for pid, rank, stacks in processes:
+        if rank is not None:
+            ranks.setdefault(rank, []).append((pid, stacks))
+    inside: dict[str, str] = {}
+    outside: list[str] = []
+    for rank, members in ranks.items():
+        known = [stacks for _, stacks in members if stacks is not None and stacks.ok]
+        if not known:
+            return None  # a rank we know nothing of could be the culprit as well
+        found = next((c for c in map(_collective, known) if c is not None), None)
+        if found is None:
+            outside.append(rank)
+        else:
+            inside[rank] = found
+    if len(outside) != 1 or not inside or len(set(inside.values())) != 1:
+        return None
+    (rank,) = outside
+    (collective,) = set(inside.values())
+    pid, stacks = next((p, s) for p, s in ranks[rank] if s is not None and s.ok)
+    assert stacks is not None
+    top = stacks.top()
+    where = f"; it is in {top.function} ({top.file}:{top.line})" if top is not None else ""
+    waiting = ", ".join(sorted(inside, key=lambda r: (len(r), r)))
+    return (
+        f"rank {rank} (pid {pid}), the only rank not in {collective}, where "
+        f"rank{'s' if len(inside) > 1 else ''} {waiting} wait{'' if len(inside) > 1 else 's'}"
+        f"{where}"
+    )
 
 
 @dataclass
@@ -119,7 +240,14 @@ class Incident:
     #: each step taken, in order: capture, error file, signals (with their times)
     actions: list[dict[str, object]] = field(default_factory=list)
     stacks: Stacks | None = None
+    #: when ``stacks`` were taken: ``after_deadline`` and ``done_after_deadline`` (seconds)
+    stacks_taken: dict[str, float | None] | None = None
     others: list[dict[str, object]] = field(default_factory=list)
+    #: the attempt (restart count, from 0) the process belongs to, if its launcher said
+    attempt: str | None = None
+    #: "rank R (pid P), the only rank not in <collective>, ...": when exactly one rank is
+    #: outside the collective the others wait in
+    likely_culprit: str | None = None
     #: seconds from the deadline to the first signal (``None``: no signal, observe mode)
     kill_lateness: float | None = None
     torch_error_file: str | None = None
@@ -146,6 +274,7 @@ class Incident:
             "pid": self.pid,
             "rank": self.rank,
             "local_rank": self.local_rank,
+            "attempt": self.attempt,
             "worker_pid": self.worker_pid,
             "command": self.command,
             "scopes": self.scopes,
@@ -156,7 +285,9 @@ class Incident:
             "kill_lateness": self.kill_lateness,
             "torch_error_file": self.torch_error_file,
             "stacks": None if self.stacks is None else self.stacks.to_dict(),
+            "stacks_taken": self.stacks_taken,
             "others": self.others,
+            "likely_culprit": self.likely_culprit,
             "summary": self.summary(),
         }
 
@@ -165,6 +296,12 @@ class Incident:
         lines = [
             f"aiotimer incident at {_iso(self.time)} on {self.host}",
             f"  {self.summary()}",
+        ]
+        if self.likely_culprit:
+            lines.append(f"  likely culprit: {self.likely_culprit}")
+        if self.attempt is not None:
+            lines.append(f"  attempt: {self.attempt} (restarts before it)")
+        lines += [
             f"  command: {' '.join(self.command) or '?'}",
             f"  expired: {', '.join(repr(s) for s in self.scopes)} "
             f"(deadline {_iso(self.deadline)}, handled {self.lateness * 1e3:.2f} ms after it)",
@@ -173,7 +310,8 @@ class Incident:
         for action in self.actions:
             lines.append(f"    - {action.get('text', action)}")
         if self.stacks is not None:
-            lines.append(f"stacks of pid {self.pid} ({self.stacks.method or 'none'}):")
+            how = ", ".join(filter(None, [self.stacks.method, _taken_text(self.stacks_taken)]))
+            lines.append(f"stacks of pid {self.pid} ({how or 'none'}):")
             lines.append(self.stacks.raw.rstrip() or f"  (none: {self.stacks.reason})")
             if self.stacks.ok and self.stacks.reason:
                 lines.append(f"  (note: {self.stacks.reason})")
@@ -182,9 +320,11 @@ class Incident:
             stacks = other.get("stacks")
             raw = stacks.get("raw") if isinstance(stacks, dict) else ""
             reason = stacks.get("reason") if isinstance(stacks, dict) else ""
+            method = stacks.get("method") if isinstance(stacks, dict) else None
+            how = ", ".join(filter(None, [method, _taken_text(other.get("taken"))]))
             command = other.get("command")
             shown = " ".join(command) if isinstance(command, list) else ""
-            lines.append(f"stacks of pid {other['pid']}{rank}: {shown}")
+            lines.append(f"stacks of pid {other['pid']}{rank} ({how or 'none'}): {shown}")
             lines.append(str(raw).rstrip() if raw else f"  (none: {reason})")
         return "\n".join(lines) + "\n"
 
@@ -309,7 +449,8 @@ class IncidentReaper:
         #: the incidents recorded so far, most recent last
         self.incidents: list[Incident] = []
         self._own_dump_dir = False
-        self._recent: dict[int, tuple[float, asyncio.Task[Stacks]]] = {}
+        # pid -> its latest capture, shared within a burst (see ``_capture``)
+        self._captures: dict[int, _Capture] = {}
 
     def __repr__(self) -> str:
         where = self.recorder.directory if self.recorder is not None else None
@@ -374,19 +515,26 @@ class IncidentReaper:
         )
 
     def _capture(
-        self, pid: int, timeout: float, expiry: Expiry | None = None
-    ) -> asyncio.Task[Stacks]:
-        """A capture of ``pid``'s stacks, shared by every incident that wants it now.
+        self, pid: int, timeout: float, clock: Clock, expiry: Expiry | None = None
+    ) -> _Capture:
+        """A capture of ``pid``'s stacks, shared by every incident of the burst that wants it.
 
         When 16 ranks expire together, each incident wants every rank's stacks:
-        each process is captured once, not 16 times over.
+        each process is captured once, not 16 times over, and every incident
+        that lists it gets that one capture (stamped with when it was taken).
         """
-        now = time.monotonic()
-        for old in [p for p, (at, _) in self._recent.items() if now - at > _SHARE_FOR]:
-            del self._recent[old]
-        shared = self._recent.get(pid)
-        if shared is not None and (expiry is None or find_py_spy() is not None):
-            return shared[1]
+        now = clock.now()
+        for old in [
+            p
+            for p, c in self._captures.items()
+            if c.finished is not None and now - c.finished > _SHARE_FOR
+        ]:
+            del self._captures[old]
+        shared = self._captures.get(pid)
+        # A capture made for another incident cannot fall back on this process's own
+        # faulthandler dump (it had no expiry to ask with): without py-spy, start one that can.
+        if shared is not None and (expiry is None or shared.with_dump or find_py_spy()):
+            return shared
         dump_path = None
         if expiry is not None and self.dump_dir is not None:
             dump_path = dump_file(self.dump_dir, pid)
@@ -399,34 +547,34 @@ class IncidentReaper:
                 send=None if expiry is None else (lambda _sig: expiry.dump_stacks()),
             )
         )
-        self._recent[pid] = (now, task)
-        return task
+        capture = self._captures[pid] = _Capture(pid, task, clock, with_dump=expiry is not None)
+        return capture
 
-    async def _capture_others(self, pid: int, timeout: float) -> list[dict[str, object]]:
+    def _latest(self, capture: _Capture) -> _Capture:
+        """The best capture of ``capture``'s process now: a later one that found stacks wins."""
+        latest = self._captures.get(capture.pid)
+        if latest is None or latest is capture:
+            return capture
+        found = latest.result()
+        return latest if found is not None and found.ok else capture
+
+    async def _capture_others(
+        self, pid: int, timeout: float, clock: Clock
+    ) -> list[tuple[int, _Facts, _Capture]]:
+        """Start capturing the job's other processes; each with what ``/proc`` says of it."""
         related = self.related
         # related() scans /proc for descendants: the I/O plane's work.
         found = await asyncio.wait_for(run_blocking(related), timeout) if related else ()
         pids = [p for p in found if p != pid][:_OTHERS_MAX]
-        tasks = [(other, self._capture(other, timeout)) for other in pids]
-        facts = {other: asyncio.ensure_future(run_blocking(_facts, other)) for other in pids}
-        others: list[dict[str, object]] = []
-        for other, task in tasks:
+        captures = [self._capture(other, timeout, clock) for other in pids]
+        facts = [asyncio.ensure_future(run_blocking(_facts, other)) for other in pids]
+        others: list[tuple[int, _Facts, _Capture]] = []
+        for other, capture, fact in zip(pids, captures, facts, strict=True):
             try:
-                stacks = await asyncio.wait_for(asyncio.shield(task), timeout)
-            except TimeoutError:
-                stacks = Stacks(other, reason=f"not captured within {timeout:.3g}s")
-            try:
-                known = await asyncio.wait_for(facts[other], 1.0)
+                known = await asyncio.wait_for(fact, 1.0)
             except (TimeoutError, OSError):
                 known = _Facts()
-            others.append(
-                {
-                    "pid": other,
-                    "rank": known.rank,
-                    "command": list(known.command),
-                    "stacks": stacks.to_dict(),
-                }
-            )
+            others.append((other, known, capture))
         return others
 
     async def _run(self, expiry: Expiry) -> None:
@@ -438,11 +586,11 @@ class IncidentReaper:
         plane; only the error file is waited for before the kill (torchrun
         reads it when the worker dies), and no longer than the same bound.
         """
-        clock = expiry.clock
         incident = self._start(expiry)
-        others: asyncio.Task[list[dict[str, object]]] | None = None
+        main: _Capture | None = None
+        others: asyncio.Task[list[tuple[int, _Facts, _Capture]]] | None = None
         try:
-            others = await self._before_kill(expiry, incident)
+            main, others = await self._before_kill(expiry, incident)
         except Exception:  # best effort: the kill goes out whatever went wrong here
             logger.exception("preparing the incident of pid %d failed; killing it", expiry.pid)
         follow_up: object = None
@@ -451,14 +599,10 @@ class IncidentReaper:
         elif not expiry.exited:
             follow_up = self.kill(expiry)
         self._note_signals(incident, expiry)
-        if others is not None:
-            try:
-                bound = max(0.0, expiry.deadline + self.dump_timeout - clock.now())
-                incident.others = await asyncio.wait_for(others, bound + _OTHERS_EXTRA + 1.0)
-            except TimeoutError:
-                logger.warning("capturing the other processes of pid %d took too long", expiry.pid)
-            except Exception:
-                logger.exception("capturing the other processes of pid %d failed", expiry.pid)
+        try:
+            await self._gather(expiry, incident, main, others)
+        except Exception:
+            logger.exception("capturing the other processes of pid %d failed", expiry.pid)
         await self._record(incident)
         if isinstance(follow_up, Awaitable):
             try:
@@ -467,9 +611,87 @@ class IncidentReaper:
                 if self._note_signals(incident, expiry):
                     await self._record(incident, again=True)
 
+    async def _gather(
+        self,
+        expiry: Expiry,
+        incident: Incident,
+        main: _Capture | None,
+        others: asyncio.Task[list[tuple[int, _Facts, _Capture]]] | None,
+    ) -> None:
+        """Copy every capture the incident lists into it, once finished (bounded), with its time.
+
+        Its own process's capture too: one shared with another incident of the
+        burst may finish after this kill went out (it was taken before).
+        """
+        clock = expiry.clock
+        end = expiry.deadline + self.dump_timeout + _OTHERS_EXTRA
+
+        def left() -> float:
+            return max(0.0, end - clock.now())
+
+        listed: list[tuple[int, _Facts, _Capture]] = []
+        if others is not None:
+            try:
+                listed = await asyncio.wait_for(others, left() + 1.0)
+            except TimeoutError:
+                logger.warning("listing the other processes of pid %d took too long", expiry.pid)
+        captures = [self._latest(c) for c in [*([main] if main else []), *(c for *_, c in listed)]]
+        pending = [c.task for c in captures if not c.task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=left())
+        bound = self.dump_timeout + _OTHERS_EXTRA
+        if main is not None:
+            main = self._latest(main)
+            found = main.result()
+            if found is not None or incident.stacks is None:
+                incident.stacks = main.stacks(bound)
+            incident.stacks_taken = main.taken(expiry.deadline)
+            self._note_capture(incident, main, expiry.deadline)
+        entries: list[tuple[int, str | None, Stacks | None]] = [
+            (incident.pid, incident.rank, incident.stacks)
+        ]
+        for other, known, capture in listed:
+            capture = self._latest(capture)
+            stacks = capture.stacks(bound)
+            entries.append((other, known.rank, stacks))
+            incident.others.append(
+                {
+                    "pid": other,
+                    "rank": known.rank,
+                    "command": list(known.command),
+                    "stacks": stacks.to_dict(),
+                    "taken": capture.taken(expiry.deadline),
+                }
+            )
+        incident.likely_culprit = likely_culprit(entries)
+
+    @staticmethod
+    def _note_capture(incident: Incident, capture: _Capture, deadline: float) -> None:
+        """Say in the capture step how it went, once it is known (it may end after the kill).
+
+        ``deadline``: the incident's, on the server's clock.
+        """
+        step = next((a for a in incident.actions if a.get("step") == "capture"), None)
+        stacks = incident.stacks
+        if step is None or stacks is None:
+            return
+        taken = capture.taken(deadline)
+        step["method"] = stacks.method
+        step["seconds"] = round(stacks.seconds, 6)
+        step["taken_after_deadline"] = taken["after_deadline"]
+        if stacks.ok:
+            text = f"captured stacks with {stacks.method} in {stacks.seconds:.3f}s"
+            if capture.started < deadline - 1e-3:
+                text += " (shared with an earlier incident)"
+        else:
+            text = f"no stacks: {stacks.reason}"
+        if step.get("after_kill"):
+            text += "; the kill did not wait for it (dump_timeout)"
+        step["text"] = text
+
     async def _before_kill(
         self, expiry: Expiry, incident: Incident
-    ) -> asyncio.Task[list[dict[str, object]]] | None:
+    ) -> tuple[_Capture | None, asyncio.Task[list[tuple[int, _Facts, _Capture]]] | None]:
         """Capture the stacks, read ``/proc``, write torch's error file: all within the bound."""
         clock = expiry.clock
         end = expiry.deadline + self.dump_timeout
@@ -478,36 +700,41 @@ class IncidentReaper:
             return max(0.0, end - clock.now())
 
         facts = asyncio.ensure_future(run_blocking(_facts, expiry.pid))
-        others = None
+        main = others = None
         if self.dump_timeout > 0:
             budget = left()
-            main = self._capture(expiry.pid, budget, expiry)
-            others = asyncio.ensure_future(self._capture_others(expiry.pid, budget + _OTHERS_EXTRA))
+            main = self._capture(expiry.pid, budget, clock, expiry)
+            others = asyncio.ensure_future(
+                self._capture_others(expiry.pid, budget + _OTHERS_EXTRA, clock)
+            )
             # The bound holds whatever the capture does: the kill is never later
             # than deadline + dump_timeout.
             try:
-                incident.stacks = await asyncio.wait_for(asyncio.shield(main), budget)
+                incident.stacks = await asyncio.wait_for(asyncio.shield(main.task), budget)
+                after_kill = False
             except TimeoutError:
                 late = f"the capture did not finish within dump_timeout ({self.dump_timeout:g}s)"
                 incident.stacks = Stacks(expiry.pid, reason=late, seconds=budget)
+                after_kill = True
+            incident.stacks_taken = main.taken(expiry.deadline)
             incident.actions.append(
                 {
                     "step": "capture",
                     "method": incident.stacks.method,
                     "seconds": round(incident.stacks.seconds, 6),
                     "after_deadline": round(clock.now() - expiry.deadline, 6),
-                    "text": f"captured stacks with {incident.stacks.method} in "
-                    f"{incident.stacks.seconds:.3f}s"
-                    if incident.stacks.ok
-                    else f"no stacks: {incident.stacks.reason}",
+                    "after_kill": after_kill,
+                    "text": "",
                 }
             )
+            self._note_capture(incident, main, expiry.deadline)
         try:
             known = await asyncio.wait_for(asyncio.shield(facts), left())
         except TimeoutError:
             facts.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return others
+            return main, others
         incident.rank, incident.local_rank = known.rank, known.local_rank
+        incident.attempt = known.attempt
         incident.command = list(known.command)
         incident.torch_error_file = known.torch_error_file
         files = asyncio.ensure_future(run_blocking(self._write_error_file, incident))
@@ -517,12 +744,12 @@ class IncidentReaper:
             # Written later (or never, if the disk is stuck): the kill does not wait.
             logger.warning("torch's error file for pid %d was not written in time", expiry.pid)
             files.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return others
+            return main, others
         if wrote:
             incident.actions.append(
                 {"step": "torch error file", "text": f"wrote {incident.torch_error_file}"}
             )
-        return others
+        return main, others
 
     def _write_error_file(self, incident: Incident) -> bool:
         """Claim the incident's file and write torch's error file.  Blocks: the I/O plane's."""

@@ -38,6 +38,7 @@ __all__ = [
     "ENV_PY_SPY",
     "MAX_DUMP_BYTES",
     "MAX_PY_SPY_BYTES",
+    "MAX_SYMBOL_CHARS",
     "Frame",
     "Stacks",
     "Thread",
@@ -46,6 +47,7 @@ __all__ = [
     "find_py_spy",
     "parse_faulthandler",
     "py_spy_candidates",
+    "shorten_symbol",
 ]
 
 #: Environment variable: the py-spy binary to use ("" disables py-spy).
@@ -54,6 +56,53 @@ ENV_PY_SPY = "AIOTIMER_PY_SPY"
 MAX_DUMP_BYTES = 1 << 20
 #: Most bytes of py-spy's JSON parsed (a bigger document is refused, not parsed).
 MAX_PY_SPY_BYTES = 4 << 20
+#: Longest native (C/C++) function name kept as it is: a C++ symbol can run to
+#: thousands of characters of template arguments (pybind11's run to 1,500 in torch).
+MAX_SYMBOL_CHARS = 160
+_OPEN = {"<": ">", "(": ")"}
+
+
+def _elide_groups(name: str) -> str | None:
+    """``name`` with its ``<...>`` and ``(...)`` groups emptied (``None``: unbalanced).
+
+    ``f<a<b>, c>(int)::{lambda(x)#1}::_FUN`` becomes ``f<...>(...)::{lambda(...)#1}::_FUN``.
+    """
+    out: list[str] = []
+    closing: list[str] = []
+    for char in name:
+        if closing:
+            if char in _OPEN:
+                closing.append(_OPEN[char])
+            elif char in (">", ")"):
+                if char != closing[-1]:
+                    return None
+                closing.pop()
+                if not closing:
+                    out.append("..." + char)
+            continue
+        out.append(char)
+        if char in _OPEN:
+            closing.append(_OPEN[char])
+        elif char in (">", ")"):
+            return None
+    return None if closing else "".join(out)
+
+
+def shorten_symbol(name: str, limit: int = MAX_SYMBOL_CHARS) -> str:
+    """A native symbol cut to at most ``limit`` characters, keeping what it names.
+
+    Template and argument lists are elided first (``<...>``, ``(...)``), so the
+    namespaces, class and function stay readable; what is still too long is cut
+    with ``...``.  A name within ``limit`` is returned unchanged.
+    """
+    if len(name) <= limit:
+        return name
+    # "operator<<" and "operator()" would unbalance the groups: leave those to the cut.
+    elided = None if "operator" in name else _elide_groups(name)
+    if elided is not None and len(elided) <= limit:
+        return elided
+    short = elided or name
+    return short[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -181,9 +230,10 @@ def _from_py_spy(data: object) -> list[Thread]:
             native = (
                 bool(f.get("module")) or filename.endswith((".so", ".so.6")) or ".so." in filename
             )
-            frames.append(
-                Frame(str(f.get("name") or "?"), filename, int(f.get("line") or 0), native)
-            )
+            function = str(f.get("name") or "?")
+            if native:
+                function = shorten_symbol(function)
+            frames.append(Frame(function, filename, int(f.get("line") or 0), native))
         threads.append(
             Thread(
                 int(item.get("os_thread_id") or item.get("thread_id") or 0),

@@ -122,7 +122,8 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         type=_seconds("--dump-timeout"),
         default=DEFAULT_DUMP_TIMEOUT,
         help="seconds after a deadline by which the kill goes out, stacks captured or not "
-        "(default 1; 0: no stack capture)",
+        f"(default {DEFAULT_DUMP_TIMEOUT:g}: py-spy on a torch worker takes 1-4 s on busy "
+        "cores; the kill goes out as soon as the stacks are in; 0: no stack capture)",
     )
     parser.add_argument(
         "--observe",
