@@ -530,6 +530,44 @@ def test_run_prints_one_line_per_incident_with_its_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_venvs_own_aiotimer_finds_py_spy_without_the_venv_on_path(tmp_path: Path) -> None:
+    """Issue 23, item 2: systemd units and Slurm scripts call ``/venv/bin/aiotimer`` without
+    activating the venv; py-spy, installed beside the interpreter, must still be found."""
+    bindir = Path(sys.executable).parent
+    launcher, py_spy = bindir / "aiotimer", bindir / "py-spy"
+    if not (launcher.exists() and py_spy.exists()):
+        pytest.skip(f"no aiotimer and py-spy scripts in {bindir} (not a venv install)")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "AIOTIMER_PY_SPY")}
+    env["PATH"] = "/usr/bin:/bin"
+    assert shutil.which("py-spy", path=env["PATH"]) is None  # not on this PATH
+    code = """
+        import os, time, aiotimer
+        def stuck_in_allreduce_xyz():
+            with aiotimer.expires(after=0.5, scope="allreduce"):
+                time.sleep(60)
+        def waiting_for_peers_abc():
+            time.sleep(60)
+        stuck_in_allreduce_xyz() if os.environ["RANK"] == "1" else waiting_for_peers_abc()
+    """
+    result = subprocess.run(
+        [str(launcher), "run", "-n", "2", "--incident-dir", "inc", "--", *py(code)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 124, result.stderr
+    (incident,) = incidents(tmp_path / "inc")
+    stacks = incident["stacks"]
+    assert isinstance(stacks, dict) and stacks["method"] == "py-spy", stacks.get("reason")
+    assert "stuck_in_allreduce_xyz" in frames(stacks)
+    (other,) = incident["others"]  # type: ignore[misc]
+    assert other["stacks"]["method"] == "py-spy"
+    assert "waiting_for_peers_abc" in frames(other["stacks"])
+
+
+@pytest.mark.slow
 def test_run_observe_records_and_lets_every_rank_finish(tmp_path: Path) -> None:
     code = """
         import time, aiotimer
