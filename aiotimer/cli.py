@@ -60,6 +60,34 @@ def _count(name: str, minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _port(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a port number, 0-65535 (0: any free port), got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _check_metrics_installed() -> None:
+    """``UsageError`` (one line, exit 2) if ``--metrics-port`` was given without prometheus_client.
+
+    Checked at start: the job has not started when it fails.
+    """
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            f"--metrics-port needs prometheus_client ({exc}): pip install 'aiotimer[metrics]'"
+        ) from None
+
+
 def _signal_arg(text: str) -> signal.Signals:
     try:
         return check_signal("--signal", text)
@@ -137,7 +165,7 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=_count("--metrics-port", 0),
+        type=_port("--metrics-port"),
         default=None,
         help="serve Prometheus metrics and /healthz on this port (0: any free port, printed)",
     )
@@ -356,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_writable_dir(args.log_dir, "--log-dir")
         if args.event_log:
             _check_writable_dir(os.path.dirname(os.path.abspath(args.event_log)), "--event-log")
+        if args.metrics_port is not None:
+            _check_metrics_installed()
     except UsageError as exc:
         sub.exit(EXIT_USAGE, f"{sub.prog}: error: {exc}\n")
     reaper = IncidentReaper(

@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -49,6 +49,7 @@ from ._events import (
 from ._expiry import Reaper
 from ._ioplane import FileSink, StreamSink, run_blocking
 from ._linux import become_subreaper, descendants, environ_of, live_processes
+from ._metrics import MetricsServer
 from ._server import TimerServer
 from ._workers import Worker
 
@@ -104,6 +105,31 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def serve_metrics(
+    server: TimerServer,
+    host: str,
+    port: int,
+    *,
+    workers: Callable[[], Mapping[str, int]] | None = None,
+    restarts: Callable[[], int] | None = None,
+) -> MetricsServer:
+    """``server.serve_metrics(...)``, with a failure to serve as a ``UsageError`` (one line).
+
+    A port already in use (two jobs on one node), an address that is not this
+    host's, a host name that does not resolve, prometheus_client missing: the
+    job has not started yet, and the flag is named.
+    """
+    try:
+        return server.serve_metrics(host=host, port=port, workers=workers, restarts=restarts)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise UsageError(
+            f"--metrics-host {host} --metrics-port {port}: cannot serve metrics there ({why})"
+        ) from None
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--metrics-port {port}: {exc}") from None
 
 
 def _signal_name(sig: int) -> str:
@@ -591,9 +617,10 @@ class Job:
             ) as server:
                 server.events.subscribe(self._on_event)
                 if self.metrics_port is not None:
-                    metrics = server.serve_metrics(
-                        host=self.metrics_host,
-                        port=self.metrics_port,
+                    metrics = serve_metrics(
+                        server,
+                        self.metrics_host,
+                        self.metrics_port,
                         workers=self.workers_by_state,
                         restarts=lambda: self.restarts,
                     )
@@ -713,7 +740,7 @@ async def serve_command(
         except (FileExistsError, PermissionError) as exc:  # taken since the check, or not ours
             raise UsageError(f"--fifo {fifo}: {exc.strerror or exc}") from None
         if metrics_port is not None:
-            metrics = server.serve_metrics(host=metrics_host, port=metrics_port)
+            metrics = serve_metrics(server, metrics_host, metrics_port)
             err.write(f"aiotimer: metrics on {metrics.url} (health: /healthz)\n".encode())
         env = dict(os.environ)
         env["TORCHELASTIC_TIMER_FILE"] = fifo

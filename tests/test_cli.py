@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,24 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def aiotimer_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def aiotimer_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aiotimer", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -49,6 +60,40 @@ def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_every_metrics_flag_error_is_one_line_and_exit_2(command: str, tmp_path: Path) -> None:
+    """Issue 23, item 4: each of these ended in a traceback and exit 1."""
+    true = ["--", "true"]
+    one_line_exit_2(
+        aiotimer_cli(command, "--metrics-port", "99999", *true),
+        f"aiotimer {command}: error: argument --metrics-port: --metrics-port must be a port "
+        "number, 0-65535 (0: any free port), got '99999'",
+    )
+    with socket.socket() as taken:  # another job on this node serves its metrics there
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_exit_2(
+            aiotimer_cli(command, "--metrics-port", str(port), *true),
+            f"--metrics-host 127.0.0.1 --metrics-port {port}: cannot serve metrics there "
+            "(Address already in use)",
+        )
+    # TEST-NET-1: an address that is no interface's here.
+    one_line_exit_2(
+        aiotimer_cli(command, "--metrics-host", "192.0.2.1", "--metrics-port", "0", *true),
+        "--metrics-host 192.0.2.1 --metrics-port 0: cannot serve metrics there (Cannot assign",
+    )
+    # prometheus_client missing: a module of that name that cannot be imported comes first.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "prometheus_client.py").write_text("raise ImportError('not installed')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow), str(ROOT)]))
+    one_line_exit_2(
+        aiotimer_cli(command, "--metrics-port", "0", *true, env=env),
+        "--metrics-port needs prometheus_client (not installed): pip install 'aiotimer[metrics]'",
+    )
 
 
 @pytest.mark.parametrize(
