@@ -83,7 +83,8 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "aiotimer_restarts",
-            "Restarts of workers by the launcher",
+            "Ranks the launcher started again after a failure or a watchdog kill "
+            "(a group restart of N ranks counts N)",
             self._restarts() if self._restarts else 0,
         )
         yield GaugeMetricFamily("aiotimer_active_timers", "Timers armed now", active)
@@ -129,7 +130,8 @@ class MetricsServer:
 
     ``source()`` returns the server's counters, its active timers and its
     watched processes; ``workers()`` the launcher's workers by state;
-    ``restarts()`` how many restarts it made.  ``loop`` is the watchdog's loop.
+    ``restarts()`` how many ranks it started again (``aiotimer_restarts_total``: a
+    group restart of N ranks counts N).  ``loop`` is the watchdog's loop.
     """
 
     def __init__(

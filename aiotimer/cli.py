@@ -175,6 +175,15 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         help="address to serve metrics on (default 127.0.0.1)",
     )
     parser.add_argument(
+        "--metrics-linger",
+        type=_seconds("--metrics-linger"),
+        default=0.0,
+        metavar="S",
+        help="keep /metrics and /healthz up S seconds after the job ends, so that a scraper "
+        "sees how it ended (the last kill, the restarts): at least twice the scrape interval "
+        "(default 0; a stop signal ends it early)",
+    )
+    parser.add_argument(
         "--realtime",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
         "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--incident-dir DIR] "
         "[--dump-timeout S] [--observe] [--event-log FILE] [--metrics-port PORT] "
-        "[--metrics-host HOST] [--[no-]realtime] [--log-level LEVEL] -- CMD [ARGS...]",
+        "[--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] [--log-level LEVEL] "
+        "-- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
         "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
         "aiotimer.expires()/timer() block overruns, and restart the group.",
@@ -264,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
         usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
         "[--incident-dir DIR] [--dump-timeout S] [--observe] [--event-log FILE] "
-        "[--metrics-port PORT] [--metrics-host HOST] [--[no-]realtime] [--log-level LEVEL] "
-        "-- CMD [ARGS...]",
+        "[--metrics-port PORT] [--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] "
+        "[--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
         "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
         "Exits with CMD's status.",
@@ -386,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_writable_dir(os.path.dirname(os.path.abspath(args.event_log)), "--event-log")
         if args.metrics_port is not None:
             _check_metrics_installed()
+        elif args.metrics_linger:
+            raise UsageError("--metrics-linger needs --metrics-port")
     except UsageError as exc:
         sub.exit(EXIT_USAGE, f"{sub.prog}: error: {exc}\n")
     reaper = IncidentReaper(
@@ -433,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             event_log=args.event_log,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            metrics_linger=args.metrics_linger,
             realtime=_realtime(args.realtime),
             output=output,
         )

@@ -366,6 +366,7 @@ class Job:
         event_log: str | os.PathLike[str] | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        metrics_linger: float = 0.0,
         realtime: bool | Literal["auto"] = "auto",
     ) -> None:
         if not command:
@@ -384,9 +385,12 @@ class Job:
         self.event_log = event_log
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
+        self.metrics_linger = metrics_linger
         self.realtime = realtime
-        #: restarts made so far (a group restart counts every rank)
+        #: ranks started again so far (``aiotimer_restarts_total``): a group restart of
+        #: N ranks counts N, a restart of one rank (``restart_policy="rank"``) counts 1
         self.restarts = 0
+        self._lingering = False
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
@@ -401,7 +405,14 @@ class Job:
     # -- stopping ----------------------------------------------------------
 
     def stop(self, signum: int) -> None:
-        """Stop the job as if it got signal ``signum``; a second stop kills at once."""
+        """Stop the job as if it got signal ``signum``; a second stop kills at once.
+
+        Once the job has ended and its metrics linger, a stop ends the linger.
+        """
+        if self._lingering:
+            self.output.say(f"got {_signal_name(signum)}: the metrics linger no longer")
+            self._stopped.set()
+            return
         if self._stop_signal:
             self._force = True
             for rank in self._live.values():
@@ -611,11 +622,13 @@ class Job:
         log = (
             None if self.event_log is None else JsonEventLog(self.event_log, rank_of=self._rank_of)
         )
+        status: int | None = None
         try:
             async with TimerServer(
                 reaper=self._reaper, log_event=log, realtime=self.realtime
             ) as server:
                 server.events.subscribe(self._on_event)
+                metrics = None
                 if self.metrics_port is not None:
                     metrics = serve_metrics(
                         server,
@@ -629,6 +642,10 @@ class Job:
                     await self._run_group(server)
                 else:
                     await asyncio.gather(*(self._run_rank(server, r) for r in self.results))
+                if metrics is not None and self.metrics_linger > 0 and not self._stop_signal:
+                    # The job is over: say how it ended now, and let the scrapers see it.
+                    status = self._summary()
+                    await self._linger(metrics.url)
         finally:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -637,10 +654,22 @@ class Job:
                 await run_blocking(log.close)
             if self._logs is not None:
                 await run_blocking(self._logs.close)
-        status = self._summary()
+        if status is None:
+            status = self._summary()
         # The watchdog is closed: the summary may wait for a slow terminal.
         await run_blocking(self.output.close)
         return status
+
+    async def _linger(self, url: str) -> None:
+        """Keep serving the metrics ``metrics_linger`` seconds (a stop signal ends it early)."""
+        self._lingering = True
+        self._stopped.clear()
+        self.output.say(
+            f"the job has ended; its metrics stay up {self.metrics_linger:g}s more on {url} "
+            "(--metrics-linger)"
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), self.metrics_linger)
 
     def _summary(self) -> int:
         """Print the summary; the job's exit status."""
@@ -656,6 +685,24 @@ class Job:
         if any(r.returncode != 0 for r in self.results):
             return EXIT_WORKER_FAILED
         return 0
+
+
+async def _linger(url: str, seconds: float, err: StreamSink) -> None:
+    """``aiotimer serve``: keep serving the metrics ``seconds`` more; a stop signal ends it."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    err.write(
+        f"aiotimer: the command has ended; its metrics stay up {seconds:g}s more on {url} "
+        "(--metrics-linger)\n".encode()
+    )
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), seconds)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def kill_descendants(workers: set[int], tokens: set[str]) -> int:
@@ -708,6 +755,7 @@ async def serve_command(
     event_log: str | os.PathLike[str] | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    metrics_linger: float = 0.0,
     realtime: bool | Literal["auto"] = "auto",
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
@@ -739,6 +787,7 @@ async def serve_command(
             await listen_fifo(server, fifo, roots=roots)
         except (FileExistsError, PermissionError) as exc:  # taken since the check, or not ours
             raise UsageError(f"--fifo {fifo}: {exc.strerror or exc}") from None
+        metrics = None
         if metrics_port is not None:
             metrics = serve_metrics(server, metrics_host, metrics_port)
             err.write(f"aiotimer: metrics on {metrics.url} (health: /healthz)\n".encode())
@@ -755,6 +804,8 @@ async def serve_command(
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             await run_blocking(kill_descendants, {child.pid}, {token})
+        if metrics is not None and metrics_linger > 0:
+            await _linger(metrics.url, metrics_linger, err)
     if log is not None:
         await run_blocking(log.close)
     await run_blocking(err.close)

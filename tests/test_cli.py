@@ -48,6 +48,7 @@ def one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> N
         (["run", "--"], "aiotimer run: error: a command to run is required after --"),
         (["run", "--", "no-such-program-xyz"], "no-such-program-xyz: command not found"),
         (["run", "--", "/dev/null"], "/dev/null: not an executable program"),
+        (["run", "--metrics-linger", "5", "--", "true"], "--metrics-linger needs --metrics-port"),
         (["serve", "--fifo", "/etc/hostname", "--", "true"], "exists and is not a FIFO"),
         (["serve", "--fifo", "/no/such/dir/f", "--", "true"], "no such directory"),
     ],

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,64 @@ def test_a_job_is_scraped_while_it_runs_and_its_event_log_is_json_lines(tmp_path
     assert expired["scope"] == "hang" and expired["rank"] == "0" and expired["lateness"] >= 0
     assert killed["signal"] == "SIGKILL" and killed["pid"] == expired["pid"]
     assert names[0] == "watchdog started" and names[-1] == "watchdog stopped"
+
+
+HANGS_ONCE = textwrap.dedent("""
+    import os, time, aiotimer
+    if os.environ["RANK"] == "1" and os.environ["AIOTIMER_RESTART_COUNT"] == "0":
+        with aiotimer.expires(after=0.3, scope="hang"):
+            time.sleep(600)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "max_restarts", "restarts", "status"),
+    [("group", 1, 2, 0), ("rank", 1, 1, 0), ("group", 0, 0, 124)],
+)
+def test_metrics_linger_after_the_job_and_count_rank_restarts(
+    tmp_path: Path, policy: str, max_restarts: int, restarts: int, status: int
+) -> None:
+    """Issue 23, item 5: the launcher used to exit ~70 ms after the last kill, taking
+    /metrics with it.  ``aiotimer_restarts_total`` counts ranks started again: a group
+    restart of 2 ranks counts 2, one rank restarted alone counts 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiotimer", "run", "-n", "2", "--restart-policy", policy,
+         "--max-restarts", str(max_restarts), "--metrics-port", "0", "--metrics-linger", "60",
+         "--dump-timeout", "0", "--", sys.executable, "-c", HANGS_ONCE],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline()]
+        found = re.search(r"metrics on (http://\S+/metrics)", lines[0])
+        assert found, lines
+        while "metrics stay up 60s more" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+            assert lines[-1], lines  # the launcher exited without lingering
+        assert any("summary" in line for line in lines), lines  # said before the linger
+        start = time.monotonic()
+        code, text = get(found.group(1))  # the job is over, its metrics are still served
+        assert code == 200
+        assert metric(text, 'aiotimer_kills_total{signal="SIGKILL"}') == 1
+        assert metric(text, "aiotimer_restarts_total") == restarts
+        assert metric(text, 'aiotimer_workers{state="running"}') == 0
+        ended = "succeeded" if status == 0 else "failed"
+        assert metric(text, f'aiotimer_workers{{state="{ended}"}}') >= 1
+        assert get(found.group(1).replace("/metrics", "/healthz")) == (200, "ok\n")
+        proc.send_signal(signal.SIGTERM)  # a stop signal ends the linger ...
+        _, err = proc.communicate(timeout=WAIT)
+        assert time.monotonic() - start < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, "".join(lines) + err  # ... and the status is the job's
+    assert "the metrics linger no longer" in err
 
 
 async def test_healthz_turns_503_while_the_loop_is_blocked_and_200_after() -> None:
