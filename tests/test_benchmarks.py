@@ -66,7 +66,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         assert {"aiotimer-fifo", "torch-file@0.01", "torch-local@0.01"} <= tput
     for r in rows_of("throughput"):
         assert r["pairs_sent_per_s"] > 0 and r["requests_processed_per_s"] > 0  # type: ignore[operator]
-        assert r["backlog"] >= 0 and r["client_errors"] >= 0  # type: ignore[operator]
+        assert isinstance(r["backlog"], int) and isinstance(r["client_errors"], int)
 
     for r in rows_of("scale"):
         for key in ("add_us", "release_us", "expiry_pass_us", "bytes_per_timer"):

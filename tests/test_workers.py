@@ -49,7 +49,6 @@ async def test_hung_worker_is_killed_promptly() -> None:
     assert rc == -signal.SIGKILL
     assert worker.killed_by_watchdog and worker.expired_scopes == ["hang"]
     assert stats.expiries == 1 and stats.kills == 1
-    assert stats.expiry_lag_max >= 0.0
 
 
 async def test_worker_that_finishes_is_not_killed_and_its_exit_clears_timers() -> None:
