@@ -20,7 +20,7 @@ import pytest
 from aiotimer import TimerServer
 from aiotimer._protocol import encode_json_request
 from aiotimer.testing import MockClock, RecordingReaper
-from aiotimer.transports import fifo as fifo_module
+from aiotimer.transports import _paths as paths_module
 from aiotimer.transports import listen_fifo
 
 
@@ -266,7 +266,7 @@ async def test_a_name_taken_is_skipped_and_what_cannot_be_renamed_is_removed(
             raise PermissionError(1, "Operation not permitted", src)
 
         # Where it cannot be renamed, a file or symlink is removed (never followed).
-        monkeypatch.setattr(fifo_module, "_rename_noreplace", refuse)
+        monkeypatch.setattr(paths_module, "rename_noreplace", refuse)
         target = take_the_path(fifo, "symlink")
         await until(lambda: listener.replaced == 2)
         assert is_our_fifo(fifo) and listener.displaced == 2
