@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._client import PipeClient as PipeClient
+    from ._client import SocketClient as SocketClient
     from ._client import TimerClient as TimerClient
     from ._client import TimerScope as TimerScope
     from ._client import configure as configure
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from ._events import WorkerExited as WorkerExited
     from ._exceptions import AiotimerError as AiotimerError
     from ._exceptions import ClientNotConfiguredError as ClientNotConfiguredError
+    from ._exceptions import NotEntitledError as NotEntitledError
     from ._exceptions import ProtocolError as ProtocolError
     from ._exceptions import ServerUnavailableError as ServerUnavailableError
     from ._expiry import ExpiredTimer as ExpiredTimer
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 # client, the protocol and the validation, not the server (135 ms of imports).
 _WHERE = {
     "PipeClient": "._client",
+    "SocketClient": "._client",
     "TimerClient": "._client",
     "TimerScope": "._client",
     "configure": "._client",
@@ -83,6 +86,7 @@ _WHERE = {
     "WorkerExited": "._events",
     "AiotimerError": "._exceptions",
     "ClientNotConfiguredError": "._exceptions",
+    "NotEntitledError": "._exceptions",
     "ProtocolError": "._exceptions",
     "ServerUnavailableError": "._exceptions",
     "ExpiredTimer": "._expiry",
@@ -103,6 +107,7 @@ __version__ = "0.1.0"
 __all__ = [
     # worker side
     "PipeClient",
+    "SocketClient",
     "TimerClient",
     "TimerScope",
     "configure",
@@ -142,6 +147,7 @@ __all__ = [
     # exceptions
     "AiotimerError",
     "ClientNotConfiguredError",
+    "NotEntitledError",
     "ProtocolError",
     "ServerUnavailableError",
 ]

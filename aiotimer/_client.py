@@ -9,16 +9,26 @@ import stat
 import sys
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._exceptions import ClientNotConfiguredError, ServerUnavailableError
+from ._exceptions import (
+    ClientNotConfiguredError,
+    NotEntitledError,
+    ProtocolError,
+    ServerUnavailableError,
+)
 from ._protocol import (
+    ENV_DISABLE,
     ENV_DUMP_DIR,
     ENV_DUMP_SIGNAL,
     ENV_FD,
+    ENV_SOCKET,
+    Reply,
+    decode_reply,
     dump_file_name,
     encode_acquire_stamped,
     encode_hello,
@@ -26,8 +36,12 @@ from ._protocol import (
 )
 from ._validate import check_seconds
 
+if TYPE_CHECKING:
+    import socket
+
 __all__ = [
     "PipeClient",
+    "SocketClient",
     "TimerClient",
     "TimerScope",
     "call_site",
@@ -58,6 +72,27 @@ class TimerClient(abc.ABC):
     def acquire_after(self, scope: str, seconds: float) -> None:
         """Arm ``scope`` to expire ``seconds`` from now (what ``expires`` calls)."""
         self.acquire(scope, time.monotonic() + seconds)
+
+
+def _register_dump(signal: int, dump_dir: str | os.PathLike[str] | None, pid: int) -> Any:
+    """Have ``faulthandler`` write this process's stacks on ``signal`` (0: nothing).
+
+    Into ``dump_dir``'s file for ``pid`` (the name the server looks for), or
+    else to stderr.  Returns the file, to be kept open: faulthandler writes to
+    its fd from a signal handler.
+    """
+    if not signal:
+        return None
+    if dump_dir:
+        try:
+            dump_file = open(os.path.join(dump_dir, dump_file_name(pid)), "w")  # noqa: SIM115
+        except OSError:
+            pass
+        else:
+            faulthandler.register(signal, file=dump_file, all_threads=True, chain=False)
+            return dump_file
+    faulthandler.register(signal, all_threads=True, chain=False)
+    return None
 
 
 _pipe_clients: weakref.WeakSet[PipeClient] = weakref.WeakSet()
@@ -106,7 +141,7 @@ class PipeClient(TimerClient):
         if raw is None:
             raise ClientNotConfiguredError(
                 f"no timer client: call aiotimer.configure(client), or run under a "
-                f"TimerServer (the environment has no {ENV_FD})"
+                f"TimerServer (the environment has no {ENV_FD}); {_OPT_OUT}"
             )
         try:
             fd = int(raw)
@@ -118,29 +153,10 @@ class PipeClient(TimerClient):
             ) from None
         return cls(fd, dump_signal=dump or None, dump_dir=env.get(ENV_DUMP_DIR) or None)
 
-    def _register_dump(self) -> None:
-        """Have ``faulthandler`` write this process's stacks on the dump signal."""
-        if not self._dump_signal:
-            return
-        if self._dump_dir is None:
-            faulthandler.register(self._dump_signal, all_threads=True, chain=False)
-            return
-        try:
-            # Kept open: faulthandler writes to the fd from a signal handler.
-            self._dump_file = open(  # noqa: SIM115
-                os.path.join(self._dump_dir, dump_file_name(_pid)), "w"
-            )
-        except OSError:
-            faulthandler.register(self._dump_signal, all_threads=True, chain=False)
-            return
-        faulthandler.register(
-            self._dump_signal, file=self._dump_file, all_threads=True, chain=False
-        )
-
     def _send(self, frame: bytes) -> None:
         if self._greeted_pid != _pid:  # a new process (this one, or a forked child)
             self._greeted_pid = _pid
-            self._register_dump()
+            self._dump_file = _register_dump(self._dump_signal, self._dump_dir, _pid)
             self._write(encode_hello(_pid, self._dump_signal))
         self._write(frame)
 
@@ -169,6 +185,273 @@ class PipeClient(TimerClient):
     def release(self, scope: str) -> None:
         """Disarm ``scope``."""
         self._send(encode_release(_pid, scope))
+
+
+# How long a refusal is repeated without asking the server again: a caller that
+# catches NotEntitledError in a loop must not make the server refuse it in a loop.
+_REFUSAL_HOLD = 1.0
+
+_socket_clients: weakref.WeakSet[SocketClient] = weakref.WeakSet()
+
+
+class SocketClient(TimerClient):
+    """Sends requests over the timer server's Unix socket (``AIOTIMER_SOCKET``).
+
+    For any process of the job, spawned by the server or not (a torchrun rank
+    under ``aiotimer serve``, a DataLoader worker).  One connection per
+    process, made on first use: the server answers it at once, and a process
+    it refuses (another user, not a descendant of the server, over a cap)
+    gets ``NotEntitledError`` with the server's reason, on entering the block.
+    After ``fork`` the child connects anew (its parent's stream is never
+    shared); ``multiprocessing`` workers of any start method each get their
+    own.  If the server went away, the client connects once more (a restarted
+    server); else ``ServerUnavailableError``.  Each request is then one
+    ``send`` of a frame of at most 4 KiB, which the kernel queues whole.  The
+    stack-dump signal and directory come from the server's answer.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, connect_timeout: float = 10.0) -> None:
+        self.path = os.fspath(path)
+        self._timeout = check_seconds("connect_timeout", connect_timeout)
+        self._sock: socket.socket | None = None
+        self._conn_pid = 0  # os.getpid() when the connection was made
+        self._wire_pid = 0  # the pid the server knows this process by
+        self._lock = threading.Lock()
+        self._refusal: tuple[int, float, str] | None = None  # pid, when, message
+        self._dump_file: Any = None
+        _socket_clients.add(self)
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else "not connected"
+        return f"<SocketClient {self.path!r} {state}>"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SocketClient:
+        """The client of the socket ``AIOTIMER_SOCKET`` names."""
+        env = os.environ if environ is None else environ
+        path = env.get(ENV_SOCKET)
+        if not path:
+            raise ClientNotConfiguredError(f"no timer socket: the environment has no {ENV_SOCKET}")
+        return cls(path)
+
+    # -- the connection
+
+    def _connection(self) -> tuple[socket.socket, int]:
+        """This process's connection and the pid the server knows it by; connects if needed."""
+        sock = self._sock
+        if sock is not None and self._conn_pid == os.getpid():
+            return sock, self._wire_pid
+        with self._lock:
+            sock = self._sock
+            pid = os.getpid()
+            if sock is not None and self._conn_pid == pid:
+                return sock, self._wire_pid
+            if sock is not None:  # inherited from the parent (a fork the hook missed)
+                self._drop()
+            refusal = self._refusal
+            if refusal is not None and refusal[0] == pid:
+                if time.monotonic() - refusal[1] < _REFUSAL_HOLD:
+                    raise NotEntitledError(refusal[2])
+                self._refusal = None
+            return self._connect(pid)
+
+    def _connect(self, pid: int) -> tuple[socket.socket, int]:
+        import socket  # only a socket client needs it; keeps a pipe worker's start lean
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self._timeout)
+            reply = self._handshake(sock)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        if not reply.welcome:
+            sock.close()
+            message = f"the timer server on {self.path} refused this process: {reply.text}"
+            self._refusal = (pid, time.monotonic(), message)
+            raise NotEntitledError(message)
+        try:
+            self._dump_file = _register_dump(reply.dump_signal, reply.text, reply.pid)
+            sock.sendall(encode_hello(reply.pid, reply.dump_signal), socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            sock.close()
+            raise ServerUnavailableError(
+                f"the timer server on {self.path} closed the connection ({exc})"
+            ) from None
+        self._sock, self._conn_pid, self._wire_pid = sock, pid, reply.pid
+        return sock, reply.pid
+
+    def _handshake(self, sock: socket.socket) -> Reply:
+        """Connect and read the server's answer; raise what a failure means."""
+        where = f"the timer server's socket {self.path}"
+        try:
+            sock.connect(self.path)
+            data = b""
+            reply = None
+            while reply is None:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+                reply = decode_reply(data)
+        except PermissionError as exc:
+            raise NotEntitledError(
+                f"cannot connect to {where}: {exc.strerror}; only the server's user may arm "
+                "timers (this process runs as another user)"
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ServerUnavailableError(
+                f"no timer server listens on {self.path} ({exc.strerror}): it exited, or "
+                f"{ENV_SOCKET} names the socket of another job"
+            ) from None
+        except TimeoutError:
+            raise ServerUnavailableError(
+                f"{where} did not answer within {self._timeout:g}s"
+            ) from None
+        except ProtocolError as exc:
+            raise ServerUnavailableError(f"{where} is not an aiotimer server's: {exc}") from None
+        except OSError as exc:
+            raise ServerUnavailableError(f"cannot connect to {where}: {exc}") from None
+        if reply is None:
+            raise ServerUnavailableError(
+                f"{where} closed the connection before answering (the server is closing, "
+                "or replaced its socket)"
+            )
+        return reply
+
+    def _drop(self) -> None:
+        """Forget the connection (closing this process's fd of it only)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connection and lock are not the child's."""
+        self._lock = threading.Lock()
+        self._refusal = None
+        self._drop()
+
+    def _send(self, frame_for: Callable[[int], bytes]) -> None:
+        """Send ``frame_for(pid)``; if the server went away, connect once more and resend."""
+        sock, pid = self._connection()
+        try:
+            sock.sendall(frame_for(pid), _MSG_NOSIGNAL)
+            return
+        except OSError as exc:
+            first = exc
+        with self._lock:
+            if self._sock is sock:
+                self._drop()
+        try:
+            sock, pid = self._connection()
+        except ServerUnavailableError as exc:
+            raise ServerUnavailableError(f"{exc} (after a send failed: {first})") from None
+        try:
+            sock.sendall(frame_for(pid), _MSG_NOSIGNAL)
+        except OSError as exc:
+            with self._lock:
+                if self._sock is sock:
+                    self._drop()
+            raise ServerUnavailableError(
+                f"the timer server on {self.path} is not reading (send failed: {exc})"
+            ) from None
+
+    # -- requests
+
+    def acquire(self, scope: str, deadline: float) -> None:
+        """Arm ``scope`` until ``deadline`` (``time.monotonic()`` seconds)."""
+        now = time.monotonic()
+        self._send(lambda pid: encode_acquire_stamped(pid, scope, deadline, now))
+
+    def acquire_after(self, scope: str, seconds: float) -> None:
+        """Arm ``scope`` to expire ``seconds`` from now (stamped with this process's clock)."""
+        now = time.monotonic()
+        deadline = now + seconds
+        self._send(lambda pid: encode_acquire_stamped(pid, scope, deadline, now))
+
+    def release(self, scope: str) -> None:
+        """Disarm ``scope``."""
+        self._send(lambda pid: encode_release(pid, scope))
+
+
+_MSG_NOSIGNAL = 0x4000  # socket.MSG_NOSIGNAL on Linux: EPIPE, never SIGPIPE
+
+
+class _DisabledClient(TimerClient):
+    """``AIOTIMER_DISABLE=1``: no watchdog on purpose; every block is a no-op."""
+
+    def __repr__(self) -> str:
+        return f"<disabled timer client ({ENV_DISABLE}=1)>"
+
+    def acquire(self, scope: str, deadline: float) -> None:
+        """Nothing: no server watches this process."""
+
+    def release(self, scope: str) -> None:
+        """Nothing."""
+
+
+_disabled_warned = False
+
+_OPT_OUT = (
+    f"to run without a watchdog on purpose, set {ENV_DISABLE}=1 (every timer block is then "
+    "a no-op, with one warning)"
+)
+
+
+def _disabled(env: Mapping[str, str]) -> bool:
+    raw = env.get(ENV_DISABLE, "")
+    value = raw.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ClientNotConfiguredError(
+        f"{ENV_DISABLE}={raw!r} must be 1 (no watchdog: every timer block is a no-op) or 0"
+    )
+
+
+def client_from_environ(environ: Mapping[str, str] | None = None) -> TimerClient:
+    """The client this process's environment names (what ``get_client`` uses).
+
+    ``AIOTIMER_DISABLE=1``: a no-op client (one warning per process).  Else the
+    pipe ``AIOTIMER_FD`` names (a worker a ``TimerServer`` spawned); if that fd
+    is not open here, the socket ``AIOTIMER_SOCKET`` names, if any; else the
+    socket.  With neither, ``ClientNotConfiguredError`` saying how to opt out.
+    """
+    global _disabled_warned
+    env = os.environ if environ is None else environ
+    if _disabled(env):
+        if not _disabled_warned:
+            _disabled_warned = True
+            warnings.warn(
+                f"{ENV_DISABLE}=1: no watchdog; aiotimer.expires/timer blocks in this process "
+                "are not protected (a hang is not killed)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return _DisabledClient()
+    socket_path = env.get(ENV_SOCKET)
+    if env.get(ENV_FD) is not None:
+        try:
+            return PipeClient.from_environ(env)
+        except ServerUnavailableError as exc:
+            if socket_path:
+                return SocketClient(socket_path)
+            raise ServerUnavailableError(
+                f"{exc}.  {ENV_FD}={env[ENV_FD]} is in this process's environment, but the "
+                "pipe it names was not inherited: it works only in processes a TimerServer "
+                "spawned (and children that keep the fd), and a launcher in between (torchrun, "
+                "srun) or a subprocess started with close_fds does not pass it on.  Run the job "
+                f"under `aiotimer serve -- CMD`, whose clients connect through {ENV_SOCKET}"
+            ) from None
+    if socket_path:
+        return SocketClient(socket_path)
+    raise ClientNotConfiguredError(
+        f"no timer client: this process was not started by a timer server (its environment "
+        f"has no {ENV_FD} or {ENV_SOCKET}); run it under `aiotimer run` or `aiotimer serve`, "
+        f"or call aiotimer.configure(client); {_OPT_OUT}"
+    )
 
 
 _client: TimerClient | None = None
@@ -201,13 +484,18 @@ def configure(client: TimerClient | None) -> None:
 
 
 def get_client() -> TimerClient:
-    """The configured client, or the one found in the environment of a spawned worker."""
+    """The configured client, or the one this process's environment names.
+
+    A worker a ``TimerServer`` spawned uses its pipe (``AIOTIMER_FD``); any
+    other process of the job the server's socket (``AIOTIMER_SOCKET``); with
+    ``AIOTIMER_DISABLE=1`` every block is a no-op.  See ``client_from_environ``.
+    """
     global _client
     client = _client
     if client is None:
         with _client_lock:
             if _client is None:
-                _client = PipeClient.from_environ()
+                _client = client_from_environ()
             client = _client
     return client
 
@@ -235,6 +523,8 @@ def _after_fork_in_child() -> None:
     global _pid
     _pid = os.getpid()
     _active.clear()
+    for client in list(_socket_clients):
+        client._forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -12,6 +12,7 @@ never hold back another's kill for longer than one bounded batch.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,13 +76,21 @@ class RejectionLog:
         self.period = period
         self._periods: dict[int, _Period] = {}
 
-    def add(self, channel: Channel, reasons: Sequence[str], kind: str = "malformed") -> None:
-        """Count, and log or summarise, the rejections ``reasons`` (of ``kind``) on ``channel``."""
+    def add(
+        self, channel: Channel, reasons: Sequence[str], kind: str = "malformed", *, log: bool = True
+    ) -> None:
+        """Count, and log or summarise, the rejections ``reasons`` (of ``kind``) on ``channel``.
+
+        Channels sharing a ``rejection_group`` (a socket listener's connections)
+        share one bounded rate.  ``log=False``: count only (said already).
+        """
         self._counters.record_rejected(kind, len(reasons))
-        cid = channel.id
+        if not log:
+            return
+        cid, name = channel.rejection_group
         period = self._periods.get(cid)
         if period is None:
-            period = self._periods[cid] = _Period(channel.name)
+            period = self._periods[cid] = _Period(name)
             period.handle = self._clock.call_later(self.period, lambda: self._end_period(cid))
         for reason in reasons:
             if period.logged < self.full:
@@ -150,9 +159,24 @@ class Dispatcher:
         self.open = False
         self.rejections.close()
 
-    def reject(self, channel: Channel, reason: str, kind: str = "malformed") -> None:
-        """Count, and log at a bounded rate, one refused request."""
-        self.rejections.add(channel, (reason,), kind)
+    def reject(
+        self, channel: Channel, reason: str, kind: str = "malformed", *, log: bool = True
+    ) -> None:
+        """Count, and log at a bounded rate (unless ``log`` is false), one refused request."""
+        self.rejections.add(channel, (reason,), kind, log=log)
+
+    def admit(self, channel: Channel, pid: int, pidfd: int | None = None) -> str | None:
+        """Admit ``pid`` on ``channel`` now (a socket's peer, on accept); ``None``, or why not.
+
+        Not counted or logged here: the caller says it once per process.
+        ``pidfd`` is taken over (kept by the registry, or closed).
+        """
+        if not self.open:
+            if pidfd is not None:
+                os.close(pidfd)
+            return "the timer server is closing"
+        admitted = self._registry.admit(channel, pid, revalidate=True, pidfd=pidfd)
+        return admitted if isinstance(admitted, str) else None
 
     def dispatch(
         self, channel: Channel, requests: Sequence[Request], errors: Sequence[str] = ()

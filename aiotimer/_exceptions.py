@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AiotimerError",
     "ClientNotConfiguredError",
+    "NotEntitledError",
     "ProtocolError",
     "ServerUnavailableError",
 ]
@@ -29,4 +30,14 @@ class ServerUnavailableError(AiotimerError, BrokenPipeError):
     """The timer server cannot be reached (it exited, or never listened).
 
     A ``BrokenPipeError``, as torch raises in the same case.
+    """
+
+
+class NotEntitledError(AiotimerError, PermissionError):
+    """The timer server refused this process: its reason is the message.
+
+    Raised on entering a timer block when the server will not arm timers for
+    this process (it runs as another user, does not descend from the server or
+    a configured root, or is over a cap).  Never silent: a block that cannot be
+    protected does not run as if it were.  A ``PermissionError``.
     """

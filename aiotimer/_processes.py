@@ -291,14 +291,35 @@ class ProcessRegistry:
         return max(TREE_RESERVE, self._fd_budget // (len(self._per_tree) + 1))
 
     def admit(
-        self, applicant: Applicant, pid: int, *, revalidate: bool = False
+        self,
+        applicant: Applicant,
+        pid: int,
+        *,
+        revalidate: bool = False,
+        pidfd: int | None = None,
     ) -> WatchedProcess | str:
         """The process ``pid`` names, if ``applicant`` may arm timers for it; else why not.
 
         With ``revalidate``, a known process is first asked whether it is still
         alive, so that a request from a new process that reused an exited
-        one's pid is never attached to the exited one.
+        one's pid is never attached to the exited one.  ``pidfd``: the process,
+        held already (a socket peer's, from the kernel); taken over: kept for
+        the process if it is admitted and new, else closed.
         """
+        if pidfd is None:
+            return self._admit(applicant, pid, revalidate, None)
+        try:
+            admitted = self._admit(applicant, pid, revalidate, pidfd)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if isinstance(admitted, str) or admitted.pidfd != pidfd:
+            os.close(pidfd)
+        return admitted
+
+    def _admit(
+        self, applicant: Applicant, pid: int, revalidate: bool, given: int | None
+    ) -> WatchedProcess | str:
         known = self.by_pid.get(pid)
         if known is not None and (known.exited or (revalidate and known.gone())):
             known = None
@@ -333,17 +354,21 @@ class ProcessRegistry:
             )
         # Hold the process by a pidfd before checking who it is: if the pid is
         # reused after the check, the pidfd shows the old process gone.
-        try:
-            pidfd = open_pidfd(pid)
-        except ProcessGone:
-            return f"pid {pid} does not exist"
-        except OSError as exc:
-            return f"pid {pid} cannot be watched: {exc}"
+        if given is not None:
+            pidfd = given
+        else:
+            try:
+                pidfd = open_pidfd(pid)
+            except ProcessGone:
+                return f"pid {pid} does not exist"
+            except OSError as exc:
+                return f"pid {pid} cannot be watched: {exc}"
         reason = applicant.entitled(pid)
         if reason is None and not pidfd_alive(pidfd):
             reason = f"pid {pid} exited while it was checked"
         if reason is not None:
-            os.close(pidfd)
+            if given is None:
+                os.close(pidfd)
             return reason
         process = self.watch(pid, worker=applicant.worker, pidfd=pidfd, tree=grove)
         self.attach(process, cid)

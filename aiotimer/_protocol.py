@@ -19,6 +19,15 @@ when a worker and its children share the pipe.  ``value`` is:
 - ``ACQUIRE_WALL``: a wall-clock deadline (torch's clients);
 - ``HELLO``: the signal number the client dumps its stacks on (0: none).
 
+On a socket the server answers each connection once, before the client sends
+anything: a reply frame, in the same format with a reply op that no request
+uses (so a reply sent back to a server is a rejected unknown op)::
+
+    WELCOME: pid = the pid the server knows the client by, value = the signal it
+             should dump its stacks on (0: none), payload = the directory to dump
+             them into (empty: stderr)
+    REFUSED: pid = the client's pid as the server saw it, payload = the reason
+
 The header checksum makes the framing self-synchronising: after garbage, the
 decoder tries the next byte, and a header is believed only when its checksum
 holds, so garbage interleaved with valid frames never swallows one (a made-up
@@ -49,8 +58,10 @@ from ._exceptions import ProtocolError
 
 __all__ = [
     "ENV_DUMP_DIR",
+    "ENV_DISABLE",
     "ENV_DUMP_SIGNAL",
     "ENV_FD",
+    "ENV_SOCKET",
     "FRAME_MAX",
     "HEADER_SIZE",
     "JSON_LINE_MAX",
@@ -59,10 +70,12 @@ __all__ = [
     "SIGNAL_LOG_ONLY",
     "FrameDecoder",
     "Op",
+    "Reply",
     "Request",
     "JsonLineDecoder",
     "decode_json_line",
     "decode_json_lines",
+    "decode_reply",
     "dump_file_name",
     "encode_acquire",
     "encode_acquire_after",
@@ -71,6 +84,7 @@ __all__ = [
     "encode_hello",
     "encode_json_request",
     "encode_release",
+    "encode_reply",
     "valid_signal",
 ]
 
@@ -80,6 +94,10 @@ ENV_FD = "AIOTIMER_FD"
 ENV_DUMP_SIGNAL = "AIOTIMER_DUMP_SIGNAL"
 #: Environment variable naming the directory a spawned worker writes its stack dumps into.
 ENV_DUMP_DIR = "AIOTIMER_DUMP_DIR"
+#: Environment variable naming the Unix socket any process of the job may connect to.
+ENV_SOCKET = "AIOTIMER_SOCKET"
+#: Environment variable that, set to 1, makes every timer block a no-op (no watchdog).
+ENV_DISABLE = "AIOTIMER_DISABLE"
 
 
 def dump_file_name(pid: int) -> str:
@@ -209,6 +227,57 @@ def encode_release(pid: int, scope: str) -> bytes:
 def encode_hello(pid: int, dump_signal: int = 0) -> bytes:
     """Encode a process's greeting, naming the signal it dumps stacks on (0: none)."""
     return encode_frame(Op.HELLO, pid, "", float(dump_signal))
+
+
+# -- replies (server -> client, once per socket connection) -------------------------
+
+#: Reply ops: outside ``Op``, so the server's decoder rejects them as unknown.
+REPLY_WELCOME = 0x80
+REPLY_REFUSED = 0x81
+
+
+class Reply(NamedTuple):
+    """The server's answer to a new socket connection (see the module docstring)."""
+
+    #: whether the server will arm timers for this connection's process
+    welcome: bool
+    #: the pid the server knows the client by (its own pid, unless in another pid namespace)
+    pid: int
+    #: WELCOME: the signal to dump stacks on (0: none)
+    dump_signal: int
+    #: WELCOME: the directory to dump stacks into ("": stderr); REFUSED: the reason
+    text: str
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Encode ``reply``; a text too long for one frame is cut (at a character boundary)."""
+    raw = reply.text.encode()[:SCOPE_MAX].decode(errors="ignore").encode()
+    op = REPLY_WELCOME if reply.welcome else REPLY_REFUSED
+    head = _HEAD.pack(MAGIC, op, HEADER_SIZE + len(raw), reply.pid, float(reply.dump_signal))
+    return head + _CRC.pack(zlib.crc32(head)) + raw
+
+
+def decode_reply(data: bytes) -> Reply | None:
+    """The reply ``data`` starts with; ``None`` if more bytes are needed.
+
+    Raises ``ProtocolError`` if ``data`` does not start with a reply frame
+    (not an aiotimer server, or a server of another version).
+    """
+    if len(data) < HEADER_SIZE:
+        return None
+    magic, op, length, pid, value, crc = _HEAD_CRC.unpack_from(data)
+    if magic != MAGIC or crc != zlib.crc32(data[:16]) or not HEADER_SIZE <= length <= FRAME_MAX:
+        raise ProtocolError(f"the server's reply is not an aiotimer frame: {data[:HEADER_SIZE]!r}")
+    if op not in (REPLY_WELCOME, REPLY_REFUSED):
+        raise ProtocolError(f"the server's reply has op {op}, not a reply op")
+    if len(data) < length:
+        return None
+    text = data[HEADER_SIZE:length].decode(errors="replace")
+    welcome = op == REPLY_WELCOME
+    signal = int(value) if welcome and math.isfinite(value) and value == int(value) else 0
+    if signal and not valid_signal(signal):
+        raise ProtocolError(f"the server's reply names dump signal {value}, not a signal")
+    return Reply(welcome, pid, signal, text)
 
 
 class FrameDecoder:

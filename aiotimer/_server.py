@@ -378,6 +378,18 @@ class TimerServer:
         """Register a transport listener to be ``aclose()``-d with the server."""
         self._transports.add_listener(listener)
 
+    def add_channel(self, channel: Channel) -> None:
+        """Register a transport's channel (a socket connection): it is told when a process
+        admitted on it exits, closed with the server, and forgotten once it closes."""
+        self._transports.add(channel)
+
+    @property
+    def dump_dir(self) -> str | None:
+        """Where clients write their stack dumps for incidents (``None``: no incidents)."""
+        if self._incidents is None or self._incidents.dump_dir is None:
+            return None
+        return os.fspath(self._incidents.dump_dir)
+
     def local_channel(
         self,
         *,

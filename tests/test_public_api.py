@@ -18,6 +18,7 @@ EXPECTED = {
     "JsonEventLog",
     "KillWorkerProcess",
     "MetricsServer",
+    "NotEntitledError",
     "RequestRejected",
     "SignalSent",
     "TimerExpired",
@@ -31,6 +32,7 @@ EXPECTED = {
     "Reaper",
     "ServerUnavailableError",
     "SignalReaper",
+    "SocketClient",
     "Statistics",
     "SystemClock",
     "Timer",
@@ -66,6 +68,7 @@ def test_public_objects_live_in_private_modules() -> None:
 def test_exception_families_share_one_root() -> None:
     for name in (
         "ClientNotConfiguredError",
+        "NotEntitledError",
         "ProtocolError",
         "ServerUnavailableError",
     ):
@@ -74,6 +77,7 @@ def test_exception_families_share_one_root() -> None:
     assert issubclass(aiotimer.ClientNotConfiguredError, RuntimeError)
     assert issubclass(aiotimer.ServerUnavailableError, BrokenPipeError)
     assert issubclass(aiotimer.ProtocolError, ValueError)
+    assert issubclass(aiotimer.NotEntitledError, PermissionError)
 
 
 def test_package_ships_py_typed() -> None:

@@ -11,6 +11,9 @@ from .fifo import FifoListener as FifoListener
 from .fifo import listen_fifo as listen_fifo
 from .mpqueue import QueueBridge as QueueBridge
 from .mpqueue import bridge_queue as bridge_queue
+from .socket import SocketChannel as SocketChannel
+from .socket import SocketListener as SocketListener
+from .socket import listen_socket as listen_socket
 
 __all__ = [
     # what a transport produces and where it sends it
@@ -24,6 +27,9 @@ __all__ = [
     "LocalChannel",
     "PipeChannel",
     "QueueBridge",
+    "SocketChannel",
+    "SocketListener",
     "bridge_queue",
     "listen_fifo",
+    "listen_socket",
 ]

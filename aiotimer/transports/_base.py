@@ -35,6 +35,20 @@ class RequestSink(Protocol):
     def channel_closed(self, channel: Channel) -> None:
         """``channel`` will deliver nothing more."""
 
+    def admit(self, channel: Channel, pid: int, pidfd: int | None = None) -> str | None:
+        """Admit ``pid`` on ``channel`` before it sends anything; ``None``, or why not.
+
+        For a connection whose peer the kernel named (a socket's, on accept): a
+        refusal can be answered at once.  ``pidfd``, if given, holds that very
+        process; it is taken over (kept, or closed).
+        """
+
+    def reject(
+        self, channel: Channel, reason: str, kind: str = "malformed", *, log: bool = True
+    ) -> None:
+        """Count one refused request or connection on ``channel``; log it at a bounded
+        rate, unless ``log`` is false (it was said already)."""
+
 
 class Listener(Protocol):
     """Something a server closes when it closes (a FIFO listener, a queue bridge)."""
@@ -55,6 +69,18 @@ class Host(Protocol):
 
     def add_listener(self, listener: Listener) -> None:
         """Close ``listener`` when the server closes."""
+
+    def add_channel(self, channel: Channel) -> None:
+        """Keep ``channel`` (a socket's connection): told of its processes' exits, closed
+        with the server, forgotten once it says ``channel_closed``."""
+
+    @property
+    def dump_signal(self) -> int | None:
+        """The signal clients should register a stack dump on (``None``: none)."""
+
+    @property
+    def dump_dir(self) -> str | None:
+        """The directory clients write their stack dumps into (``None``: stderr)."""
 
 
 class Channel(abc.ABC):
@@ -87,6 +113,12 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def entitled(self, pid: int) -> str | None:
         """``None`` if requests on this channel may name ``pid``, else the reason not."""
+
+    @property
+    def rejection_group(self) -> tuple[int, str]:
+        """The key and name whose bounded rate of rejection log lines this channel's
+        count against: its own, or a listener's that all its connections share."""
+        return self.id, self.name
 
     def tree_of(self, pid: int) -> int:
         """The worker tree ``pid`` belongs to, for fair shares: the spawned worker a pipe
