@@ -303,10 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _NotShownAsEvent(logging.Filter):
-    """Drops log records that repeat an event the launcher prints itself."""
+    """Drops log records that repeat an event the launcher prints itself.
+
+    Those are marked ``aiotimer_event`` (``EVENT_LOGGED``), but for one:
+    ``SignalReaper``'s escalation warning ("pid N still alive 5s after SIGTERM;
+    sending SIGKILL"), which the ``SignalSent`` event's line says already.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, "aiotimer_event", False)
+        if getattr(record, "aiotimer_event", False):
+            return False
+        escalation = record.module == "_reapers" and str(record.msg).startswith("pid %d still")
+        return not escalation
 
 
 def _configure_logging(level: str, *, events_printed: bool, sink: StreamSink) -> None:
@@ -409,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             err = StreamSink("stderr", sys.stderr.buffer)
-            _configure_logging(args.log_level, events_printed=False, sink=err)
+            _configure_logging(args.log_level, events_printed=True, sink=err)
             # The default FIFO goes in a fresh 0700 directory: a fixed name in /tmp
             # could be taken (or swapped) first by any user.
             private = None if args.fifo else tempfile.mkdtemp(prefix="aiotimer-")

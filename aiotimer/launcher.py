@@ -298,10 +298,16 @@ class _Relay:
                 self._logs.close_file(self._log)
 
 
-def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
-    """The line the launcher prints for ``event`` (``None``: not one it prints).
+#: The events the launcher prints a line for (``describe``).
+PRINTED_EVENTS = (TimerExpired, KillWorkerProcess, SignalSent, RequestRejected, IncidentRecorded)
+#: Names a process in the launcher's lines: ``who(pid, worker_pid)``.
+Who = Callable[[int | None, int | None], str]
 
-    ``rank_of(worker_pid)`` names the rank a process belongs to.
+
+def rank_namer(rank_of: Callable[[int], str | None]) -> Who:
+    """``aiotimer run``'s names: ``rank 1 (pid 42)``, ``rank 1's descendant pid 43``.
+
+    ``rank_of(worker_pid)`` names the rank a spawned worker runs.
     """
 
     def who(pid: int | None, worker_pid: int | None) -> str:
@@ -312,6 +318,14 @@ def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
             return f"rank {rank} (pid {pid})"
         return f"rank {rank}'s descendant pid {pid}"
 
+    return who
+
+
+def describe(event: Event, who: Who) -> str | None:
+    """The line the launcher prints for ``event`` (``None``: not one it prints).
+
+    ``who(pid, worker_pid)`` names a process (see ``rank_namer``).
+    """
     if isinstance(event, TimerExpired):
         return (
             f"{who(event.pid, event.worker_pid)}: timer {event.scope!r} expired "
@@ -322,9 +336,9 @@ def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
             f"sent {_signal_name(event.signal)} to {who(event.pid, event.worker_pid)} "
             f"({event.latency * 1e3:.2f} ms after the deadline)"
         )
-    if isinstance(event, SignalSent):
+    if isinstance(event, SignalSent):  # an escalation: SIGTERM, the grace, then this
         return (
-            f"{who(event.pid, event.worker_pid)} still running {event.latency:.1f}s after the "
+            f"{who(event.pid, event.worker_pid)} still running {event.latency:.2f}s after the "
             f"deadline: sent {_signal_name(event.signal)}"
         )
     if isinstance(event, RequestRejected):
@@ -333,6 +347,45 @@ def describe(event: Event, rank_of: Callable[[int], str | None]) -> str | None:
         where = f"; incident: {Path(event.path).with_suffix('.txt')}" if event.path else ""
         return f"{event.summary}{where}"
     return None
+
+
+class ServeLines:
+    """``aiotimer serve``'s lines for watchdog events: each once, naming the rank.
+
+    Its processes are torchrun's workers, not ours: a rank is the ``RANK`` in the
+    process's environment, read (a ``/proc`` read can block) in the writer
+    thread of ``err``, once per process.  The first event of an expiry comes
+    while the process still lives (stacks are captured before the kill), so
+    the later lines of a killed rank name it too; with ``--dump-timeout 0``
+    the kill comes first, and a rank already gone is named by its pid only.
+    """
+
+    #: Most processes whose rank is remembered.
+    REMEMBERED = 4096
+
+    def __init__(self, err: StreamSink) -> None:
+        self._err = err
+        self._ranks: dict[int, str | None] = {}  # the writer thread's alone
+
+    def __call__(self, event: Event) -> None:
+        """Print ``event``'s line, if it has one; never blocks."""
+        if isinstance(event, PRINTED_EVENTS):
+            self._err.submit(lambda: self._write(event), 256)
+
+    def _write(self, event: Event) -> None:  # in the writer thread
+        line = describe(event, self._who)
+        if line:
+            self._err.write(f"aiotimer: {line}\n".encode())
+
+    def _who(self, pid: int | None, worker_pid: int | None) -> str:
+        if pid is None:
+            return "an exited process"
+        if pid not in self._ranks:
+            if len(self._ranks) >= self.REMEMBERED:
+                del self._ranks[next(iter(self._ranks))]
+            self._ranks[pid] = environ_of(pid).get("RANK")
+        rank = self._ranks[pid]
+        return f"pid {pid}" if rank is None else f"rank {rank} (pid {pid})"
 
 
 @dataclass
@@ -401,6 +454,7 @@ class Job:
         self._incidents: set[int | None] = set()  # worker pids with an incident recorded
         self._incident_recorded = asyncio.Event()
         self._capture_wait = float(getattr(reaper, "dump_timeout", 0.0)) + 4.0
+        self._who = rank_namer(self._rank_of)
 
     # -- stopping ----------------------------------------------------------
 
@@ -440,7 +494,7 @@ class Job:
         elif isinstance(event, IncidentRecorded):
             self._incidents.add(event.worker_pid)
             self._incident_recorded.set()
-        line = describe(event, self._rank_of)
+        line = describe(event, self._who)
         if line:
             self.output.say(line)
 
@@ -783,6 +837,7 @@ async def serve_command(
     log = None if event_log is None else JsonEventLog(event_log)
     err = StreamSink("stderr", sys.stderr.buffer)
     async with TimerServer(reaper=reaper, log_event=log, realtime=realtime) as server:
+        server.events.subscribe(ServeLines(err))
         try:
             await listen_fifo(server, fifo, roots=roots)
         except (FileExistsError, PermissionError) as exc:  # taken since the check, or not ours

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -137,6 +138,66 @@ def test_a_hung_worker_that_exits_0_on_sigterm_is_still_a_watchdog_exit(
     code, _, err = finish(proc)
     assert code == 124, err
     assert "rank 0: FAILED, its watchdog fired, then exit status 0" in err
+
+
+IGNORES_SIGTERM = """
+    import signal, time, aiotimer
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with aiotimer.expires(after=0.3, scope="stubborn"):
+        time.sleep(60)
+"""
+
+
+def test_an_escalation_is_printed_once(loop: str, marker: str) -> None:
+    """Issue 23, item 7: SIGTERM, the grace, SIGKILL was printed twice, in two formats."""
+    proc = launcher(loop, marker, "--signal", "TERM", "--grace", "1", code=IGNORES_SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 124, err
+    assert err.count("sent SIGTERM to rank 0 (pid") == 1, err
+    assert err.count("SIGKILL") == 2, err  # the escalation's line, and the summary's
+    escalation = r"rank 0 \(pid \d+\) still running \d\.\d\ds after the deadline: sent SIGKILL"
+    assert re.search(escalation, err), err
+    assert "still alive" not in err, err
+
+
+# A served job's ranks: an agent's children, as torchrun's are, speaking torch's FIFO protocol.
+RANK_1_STUCK = """
+import json, os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a worker stuck in C code
+line = json.dumps({"version": 1, "pid": os.getpid(), "scope_id": "stuck",
+                   "expiration_time": time.time() + 0.3, "signal": 15})
+with open(os.environ["TORCHELASTIC_TIMER_FILE"], "w") as fifo:
+    fifo.write(line + "\\n")
+time.sleep(60)
+"""
+AGENT = f"""
+import os, subprocess, sys
+codes = (("0", "import time; time.sleep(60)"), ("1", {RANK_1_STUCK!r}))
+ranks = [subprocess.Popen([sys.executable, "-c", code], env={{**os.environ, "RANK": r}})
+         for r, code in codes]
+ranks[1].wait()
+ranks[0].kill()
+"""
+
+
+def test_serve_names_the_rank_in_each_line_and_prints_each_once(loop: str, marker: str) -> None:
+    """Issue 23, item 7: serve's lines said "timer of pid N expired", without the rank."""
+    env = dict(os.environ, AIOTIMER_LOOP=loop, MARKER=marker, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "aiotimer", "serve", "--grace", "1", "--",
+         sys.executable, "-c", AGENT],
+        env=env, cwd=workdir(marker), capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    err = result.stderr
+    assert result.returncode == 0, err
+    pid = re.search(r"rank 1 \(pid (\d+)\): timer 'stuck' expired", err)
+    assert pid, err
+    who = f"rank 1 (pid {pid.group(1)})"
+    assert err.count(f"{who}: timer 'stuck' expired") == 1, err
+    assert err.count(f"sent SIGTERM to {who}") == 1, err
+    assert err.count(f"{who} hung in 'stuck'") == 1, err
+    assert err.count(f"{who} still running") == 1, err
+    assert "timer of pid" not in err and "still alive" not in err, err
 
 
 @pytest.mark.parametrize("flags", [[], ["--realtime"], ["--no-realtime"]])

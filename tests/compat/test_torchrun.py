@@ -65,7 +65,7 @@ def test_torchrun_job_with_a_hung_rank_is_restarted_and_succeeds(tmp_path: Path)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "rank 1: hanging in step 1" in out
-    assert "sent SIGKILL to pid" in out
+    assert "sent SIGKILL to rank 1 (pid" in out  # serve names the rank (torchrun sets RANK)
     assert "rank 0: done on attempt 1" in out and "rank 1: done on attempt 1" in out
     assert not fifo.exists(), "the FIFO was left behind"
     assert processes_running(str(worker)) == [], "a rank was orphaned"
