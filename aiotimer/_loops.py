@@ -38,7 +38,8 @@ def loop_factory() -> LoopFactory:
     if wanted:
         if wanted not in loops:
             raise ValueError(
-                f"{ENV_LOOP} must be one of {', '.join(sorted(loops))}, got {wanted!r}"
+                f"{ENV_LOOP} must be one of {', '.join(sorted(loops))}, got {wanted!r} "
+                "(the watchdog runs on an asyncio event loop)"
             )
         return loops[wanted]
     return loops.get("uvloop", loops["asyncio"])

@@ -366,6 +366,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         factory = loop_factory()
     except ValueError as exc:
+        coro.close()  # never to run: no "coroutine was never awaited" after the error
         raise UsageError(str(exc)) from None
     # Everything imported so far lives as long as the process: a full garbage
     # collection need not walk it again, so its pauses (which hold the loop,
@@ -382,7 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # by the parser of the part they were given to: `aiotimer run: error: ...`
+        before = argv[: argv.index(args.command)]
+        owner = parser if set(unknown) & set(before) else parser.subcommands[args.command]
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]

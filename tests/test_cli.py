@@ -49,6 +49,9 @@ def one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> N
         (["run", "--", "no-such-program-xyz"], "no-such-program-xyz: command not found"),
         (["run", "--", "/dev/null"], "/dev/null: not an executable program"),
         (["run", "--metrics-linger", "5", "--", "true"], "--metrics-linger needs --metrics-port"),
+        (["run", "--bogus", "--", "true"], "aiotimer run: error: unrecognized arguments: --bogus"),
+        (["serve", "--bogus", "--", "true"], "aiotimer serve: error: unrecognized arguments"),
+        (["--bogus", "run", "--", "true"], "aiotimer: error: unrecognized arguments: --bogus"),
         (["serve", "--fifo", "/etc/hostname", "--", "true"], "exists and is not a FIFO"),
         (["serve", "--fifo", "/no/such/dir/f", "--", "true"], "no such directory"),
     ],
@@ -61,6 +64,18 @@ def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_an_event_loop_that_is_not_asyncios_is_one_line(command: str) -> None:
+    """Issue 23, item 8: the error was followed by "coroutine ... was never awaited"."""
+    result = aiotimer_cli(command, "--", "true", env=dict(os.environ, AIOTIMER_LOOP="trio"))
+    one_line_exit_2(
+        result,
+        f"aiotimer {command}: error: AIOTIMER_LOOP must be one of asyncio, uvloop, got 'trio' "
+        "(the watchdog runs on an asyncio event loop)",
+    )
+    assert "never awaited" not in result.stderr
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
