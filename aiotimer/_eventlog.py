@@ -5,8 +5,9 @@ Written by a thread of its own (``_ioplane.Sink``): the watchdog's loop only que
 and, through ``subscribe``, a typed-event subscriber.  Each line holds the time,
 the event's name (torch's names plus aiotimer's) and its fields, with the
 common ones under fixed keys: ``pid``, ``rank`` (when known), ``scope``,
-``lateness`` (seconds after the deadline), ``signal`` (its name), ``incident``
-(the incident file's path).
+``lateness`` (seconds after the deadline), ``deadline`` (wall-clock, ISO 8601,
+as ``time``; ``deadline_monotonic`` keeps the server clock's reading),
+``signal`` (its name), ``incident`` (the incident file's path).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
+from ._clock import Clock, SystemClock, monotonic_to_wall
 from ._events import Event, EventBus
 from ._ioplane import DEFAULT_BUDGET, FileSink, Sink
 from ._linux import environ_of
@@ -46,6 +48,12 @@ def _plain(value: object) -> object:
     return repr(value)
 
 
+def _iso(wall: float) -> str:
+    """``wall`` (seconds since the epoch) in ISO 8601, UTC, to the microsecond."""
+    moment = datetime.datetime.fromtimestamp(wall, datetime.UTC)
+    return moment.isoformat(timespec="microseconds")
+
+
 # What one event is taken to weigh against the writer's budget (most lines are shorter).
 _EVENT_BYTES = 512
 
@@ -59,7 +67,9 @@ class JsonEventLog:
     (``dropped``) and warned about.  ``flush()`` waits for what is queued.
     ``rank_of(pid)`` says a process's rank (called on the loop: it must not
     block); by default the ``RANK`` in its environment, read once per process
-    in the writer thread.
+    in the writer thread.  ``clock``: the server's (deadlines are on its
+    monotonic time line; default the system clock), to write them as
+    wall-clock time.
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class JsonEventLog:
         stream: IO[str] | None = None,
         rank_of: Callable[[int], str | None] | None = None,
         budget: int = DEFAULT_BUDGET,
+        clock: Clock | None = None,
     ) -> None:
         if (path is None) == (stream is None):
             raise ValueError("give `path` or `stream`, exactly one of them")
@@ -77,6 +88,7 @@ class JsonEventLog:
             raise ValueError(f"`path` {self.path!r}: its directory does not exist")
         self._stream = stream
         self._rank_of = rank_of
+        self._clock: Clock = SystemClock() if clock is None else clock
         self._ranks: dict[int, str | None] = {}  # the writer thread's alone
         if self.path is not None:
             self._files: FileSink | None = FileSink(f"event log {self.path}", budget=budget)
@@ -109,7 +121,7 @@ class JsonEventLog:
     def __call__(self, name: str, info: Mapping[str, object]) -> None:
         """Log one event (the ``log_event(name, info)`` hook); never blocks."""
         record: dict[str, object] = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+            "time": _iso(time.time()),
             "unix_time": time.time(),
             "event": name,
         }
@@ -132,6 +144,10 @@ class JsonEventLog:
             if isinstance(info.get(key), float):
                 record["lateness"] = info[key]
                 break
+        deadline = info.get("deadline")
+        if isinstance(deadline, float):  # on the server's monotonic clock: as `time` is
+            record["deadline"] = _iso(monotonic_to_wall(self._clock, deadline))
+            record["deadline_monotonic"] = deadline
         if "signal" in info:
             record["signal"] = _signame(info["signal"])
         if info.get("path"):

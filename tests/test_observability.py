@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,11 @@ def test_a_job_is_scraped_while_it_runs_and_its_event_log_is_json_lines(tmp_path
     expired = records[names.index("timer expired")]
     killed = records[names.index("kill worker process")]
     assert expired["scope"] == "hang" and expired["rank"] == "0" and expired["lateness"] >= 0
+    # The deadline is wall-clock time, as `time` is (issue 23, item 8: it was monotonic
+    # seconds); the monotonic reading is kept beside it.
+    late = datetime.fromisoformat(expired["time"]) - datetime.fromisoformat(expired["deadline"])
+    assert timedelta(0) <= late < timedelta(seconds=5), (expired["time"], expired["deadline"])
+    assert isinstance(expired["deadline_monotonic"], float)
     assert killed["signal"] == "SIGKILL" and killed["pid"] == expired["pid"]
     assert names[0] == "watchdog started" and names[-1] == "watchdog stopped"
 
@@ -224,7 +230,7 @@ def test_histogram_buckets_from_many_values_at_once_match_one_by_one() -> None:
 async def test_the_event_log_is_a_log_event_hook() -> None:
     out = io.StringIO()
     clock = MockClock()
-    log = JsonEventLog(stream=out, rank_of=lambda pid: "7")
+    log = JsonEventLog(stream=out, rank_of=lambda pid: "7", clock=clock)
     async with TimerServer(clock=clock, reaper=RecordingReaper(), log_event=log) as server:
         server.local_channel().acquire(ME, "step", 1.0)
         await clock.advance(1.0)
@@ -236,6 +242,9 @@ async def test_the_event_log_is_a_log_event_hook() -> None:
         "watchdog stopped",
     ]
     assert records[1]["rank"] == "7" and records[1]["scope"] == "step" and records[1]["pid"] == ME
+    # the deadline on the server's clock, written as that clock's wall-clock time
+    assert records[1]["deadline"] == "2023-11-14T22:13:21.000000+00:00"
+    assert records[1]["deadline_monotonic"] == 1.0
 
 
 def test_bad_arguments_name_the_parameter_and_value() -> None:
