@@ -628,8 +628,13 @@ class TimerScope:
             if self._cancel is not None:
                 try:
                     self._cancel.__exit__(exc_type, exc, tb)
-                except TimeoutError:
+                except TimeoutError as timeout:
                     self._state = "soft-expired"
+                    if not timeout.args:  # anyio's has no message: say which block, and why
+                        timeout.args = (
+                            f"{self._scope!r} cancelled by its soft timeout after "
+                            f"{self._soft:g}s (its hard deadline was {self._after:g}s)",
+                        )
                     raise
         finally:
             self.__exit__(exc_type, exc, tb)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
+import textwrap
 import threading
 import time
 
 import pytest
 
 import aiotimer
-from aiotimer import ClientNotConfiguredError, TimerClient
+from aiotimer import ClientNotConfiguredError, TimerClient, TimerServer
 
 
 class FakeClient(TimerClient):
@@ -108,6 +111,31 @@ async def test_soft_timeout_cancels_the_block_with_timeout_error(client: FakeCli
             await asyncio.sleep(60)
     assert scope.state == "soft-expired"
     assert client.armed == {}
+
+
+@pytest.mark.slow
+async def test_a_soft_timeout_in_a_spawned_worker_says_which_block_and_why() -> None:
+    """Issue 23, item 8: the TimeoutError of a soft timeout had no message at all."""
+    code = textwrap.dedent("""
+        import asyncio, aiotimer
+        async def main():
+            try:
+                async with aiotimer.timer(after=30, scope="fetch", soft_timeout=0.2):
+                    await asyncio.sleep(60)
+            except TimeoutError as exc:
+                print(f"TimeoutError: {exc}", flush=True)
+        asyncio.run(main())
+    """)
+    async with TimerServer() as server:
+        worker = await server.spawn(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+        assert worker.stdout is not None
+        out = await asyncio.wait_for(worker.stdout.read(), 60)
+        assert await asyncio.wait_for(worker.wait(), 60) == 0
+        assert server.statistics().kills == 0 and worker.returncode != -signal.SIGKILL
+    assert out.decode() == (
+        "TimeoutError: 'fetch' cancelled by its soft timeout after 0.2s "
+        "(its hard deadline was 30s)\n"
+    )
 
 
 async def test_timer_without_soft_timeout_lets_the_block_run(client: FakeClient) -> None:
