@@ -34,6 +34,14 @@ class MockClock:
     Alarms set through ``call_later`` run when a jump reaches their time, in
     time order, so a test can place the clock exactly on, just before, or just
     after a deadline.
+
+    It drives deadlines set in the test's own process, on its time line
+    (``server.local_channel().acquire(pid, scope, clock.now() + after)``).  It
+    cannot drive a *spawned worker's* ``expires()``: a worker stamps its
+    deadlines with its own ``CLOCK_MONOTONIC``, which the server maps onto its
+    clock through the kernel's offset, so on a mock clock (which starts at 0)
+    they land the machine's uptime ahead and never come due.  Test spawned
+    workers on the system clock, with short real deadlines.
     """
 
     def __init__(self, start: float = 0.0, *, wall_offset: float = 1_700_000_000.0) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import os
 import random
 import select
+import sys
 import time
 
 import pytest
 
-from aiotimer import SystemClock, _clock
+from aiotimer import SystemClock, TimerServer, _clock
 from aiotimer._linux import timerfd_arm_at, timerfd_create
+from aiotimer.testing import MockClock, RecordingReaper
 
 # Real time on shared, noisy cores: an alarm must never be early, and it must
 # go off, but how late it is on this machine is a benchmark's business.
@@ -88,3 +90,26 @@ def test_a_timerfd_is_not_readable_before_its_time() -> None:
         assert time.monotonic() >= when
     finally:
         os.close(fd)
+
+
+@pytest.mark.slow
+async def test_a_mock_clock_does_not_drive_a_spawned_workers_deadline() -> None:
+    """Issue 23, item 8, documented (MockClock's docstring, the README): a spawned worker
+    stamps its deadline with its CLOCK_MONOTONIC, so on a mock clock it lands the machine's
+    uptime ahead, and advancing the mock clock by the block's `after` expires nothing."""
+    clock, reaper = MockClock(), RecordingReaper()
+    code = (
+        "import time, aiotimer\nwith aiotimer.expires(after=1, scope='step'):\n    time.sleep(60)"
+    )
+    async with TimerServer(clock=clock, reaper=reaper) as server:
+        worker = await server.spawn(sys.executable, "-c", code)
+        deadline = time.monotonic() + GENEROUS * 6
+        while server.statistics().active_timers == 0:
+            assert time.monotonic() < deadline, "the worker's timer never arrived"
+            await asyncio.sleep(0.01)
+        due_in = server.statistics().next_deadline_in
+        assert due_in == pytest.approx(time.monotonic() + 1 - clock.now(), abs=GENEROUS)
+        await clock.advance(1.0)
+        assert reaper.expiries == []
+        worker.kill()
+        await asyncio.wait_for(worker.wait(), GENEROUS * 6)
