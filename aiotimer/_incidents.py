@@ -300,7 +300,7 @@ class Incident:
         if self.likely_culprit:
             lines.append(f"  likely culprit: {self.likely_culprit}")
         if self.attempt is not None:
-            lines.append(f"  attempt: {self.attempt} (restarts before it)")
+            lines.append(f"  attempt: {self.attempt}")
         lines += [
             f"  command: {' '.join(self.command) or '?'}",
             f"  expired: {', '.join(repr(s) for s in self.scopes)} "
