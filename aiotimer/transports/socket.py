@@ -367,19 +367,15 @@ class SocketListener(Channel):
         if reason is not None or channel is None:
             self._refuse(conn, pid, reason or "refused")
             return
-        try:
+        self.accepted += 1
+        # If the peer has closed its end already, what it sent before is still read
+        # (a process that armed a timer, closed the socket and hangs is still killed).
+        with contextlib.suppress(OSError):
             conn.send(
                 encode_reply(Reply(True, pid, self._host.dump_signal or 0, self._dump_dir())),
                 _SEND_FLAGS,
             )
-            conn.setblocking(False)
-        except OSError:
-            # Gone already (or, impossibly, a full buffer on a new connection): its
-            # process stays admitted, as a pipe's worker does when it closes its pipe.
-            conn.close()
-            self.sink.channel_closed(channel)
-            return
-        self.accepted += 1
+        conn.setblocking(False)
         self._connections[channel.id] = channel
         self._per_pid[pid] = self._per_pid.get(pid, 0) + 1
         self._host.add_channel(channel)
