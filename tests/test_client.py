@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,125 @@ def test_torch_style_clients_are_refused_not_misused() -> None:
         aiotimer.configure(WallClockClient())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`client` must be an aiotimer.TimerClient"):
         aiotimer.expires(after=60, client=WallClockClient())  # type: ignore[arg-type]
+
+
+# -- how a process finds its server, and running without one on purpose ---------------------
+
+
+@pytest.fixture
+def fresh_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No client configured or found yet, and the once-per-process warning not yet given."""
+    from aiotimer import _client
+
+    aiotimer.configure(None)
+    monkeypatch.setattr(_client, "_disabled_warned", False)
+    yield  # type: ignore[misc]
+    aiotimer.configure(None)
+
+
+def test_no_server_says_how_to_opt_out(fresh_client: None) -> None:
+    with pytest.raises(ClientNotConfiguredError) as info, aiotimer.expires(after=1):
+        pass
+    message = str(info.value)
+    assert "AIOTIMER_DISABLE=1" in message and "aiotimer serve" in message, message
+
+
+def test_disable_makes_every_block_a_no_op_with_one_warning(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOTIMER_DISABLE", "1")
+    with pytest.warns(RuntimeWarning, match="AIOTIMER_DISABLE=1: no watchdog") as seen:
+        with aiotimer.expires(after=0.001, scope="a") as scope:
+            time.sleep(0.01)
+        assert scope.state == "released"
+
+        async def main() -> None:
+            async with aiotimer.timer(after=0.001, scope="b"):
+                await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+    assert len(seen) == 1
+    assert "disabled" in repr(aiotimer.get_client())
+
+
+def test_disable_wins_over_a_server_in_the_environment(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOTIMER_DISABLE", "yes")
+    monkeypatch.setenv("AIOTIMER_SOCKET", "/nonexistent/timer.sock")
+    with pytest.warns(RuntimeWarning), aiotimer.expires(after=1):
+        pass
+
+
+def test_disable_names_a_value_it_does_not_understand(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOTIMER_DISABLE", "maybe")
+    with pytest.raises(ClientNotConfiguredError, match=r"AIOTIMER_DISABLE='maybe' must be 1"):
+        aiotimer.get_client()
+
+
+def test_a_closed_pipe_fd_falls_back_to_the_socket(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    monkeypatch.setenv("AIOTIMER_FD", str(w))
+    monkeypatch.setenv("AIOTIMER_SOCKET", "/run/job/timer.sock")
+    client = aiotimer.get_client()
+    assert isinstance(client, aiotimer.SocketClient)
+    assert client.path == "/run/job/timer.sock"
+
+
+def test_a_closed_pipe_fd_without_a_socket_names_the_real_cause(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    monkeypatch.setenv("AIOTIMER_FD", str(w))
+    with pytest.raises(aiotimer.ServerUnavailableError) as info:
+        aiotimer.get_client()
+    message = str(info.value)
+    assert f"fd {w} is not open" in message
+    assert "was not inherited" in message and "torchrun" in message, message
+    assert "aiotimer serve" in message and "AIOTIMER_SOCKET" in message, message
+
+
+def test_a_socket_that_nobody_serves_is_unavailable(
+    fresh_client: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AIOTIMER_SOCKET", str(tmp_path / "timer.sock"))
+    with (
+        pytest.raises(aiotimer.ServerUnavailableError, match="no timer server listens on"),
+        aiotimer.expires(after=1),
+    ):
+        pass
+    with pytest.raises(ValueError, match=r"`connect_timeout` must be a finite number"):
+        aiotimer.SocketClient(tmp_path / "s", connect_timeout=0)
+
+
+def test_the_disabled_warning_is_said_once_per_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, aiotimer\n"
+        "for _ in range(3):\n"
+        "    with aiotimer.expires(after=1):\n"
+        "        pass\n"
+        "async def main():\n"
+        "    async with aiotimer.timer(after=1):\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+        "print('ran unprotected')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOTIMER_")}
+    env["AIOTIMER_DISABLE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ran unprotected\n"
+    assert result.stderr.count("AIOTIMER_DISABLE=1: no watchdog") == 1, result.stderr
