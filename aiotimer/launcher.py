@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,7 @@ from ._expiry import Reaper
 from ._ioplane import FileSink, StreamSink, run_blocking
 from ._linux import become_subreaper, descendants, environ_of, live_processes
 from ._metrics import MetricsServer
+from ._protocol import ENV_SOCKET
 from ._server import TimerServer
 from ._workers import Worker
 
@@ -447,6 +449,8 @@ class Job:
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
+        #: the socket aiotimer clients of the job connect to (AIOTIMER_SOCKET), once running
+        self._socket: str | None = None
         self._stop_signal = 0
         self._stopped = asyncio.Event()
         self._force = False
@@ -516,6 +520,8 @@ class Job:
             PYTHONUNBUFFERED="1",
         )
         env[ENV_TOKEN] = token
+        if self._socket is not None:
+            env[ENV_SOCKET] = self._socket
         return env
 
     async def _start_rank(
@@ -682,6 +688,9 @@ class Job:
                 reaper=self._reaper, log_event=log, realtime=self.realtime
             ) as server:
                 server.events.subscribe(self._on_event)
+                # A ranks' helper that is not its child (started through a daemon, a
+                # container exec) reaches the watchdog here (AIOTIMER_SOCKET).
+                self._socket = await listen_private_socket(server)
                 metrics = None
                 if self.metrics_port is not None:
                     metrics = serve_metrics(
@@ -800,6 +809,32 @@ def _reap(pids: list[int], timeout: float = 1.0) -> None:
         time.sleep(0.001)
 
 
+class _PrivateDirectory:
+    """A directory removed (with whatever was moved aside in it) when the server closes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def aclose(self) -> None:
+        """Remove the directory, off the loop."""
+        await run_blocking(shutil.rmtree, self.path, True)
+
+
+async def listen_private_socket(server: TimerServer, roots: Sequence[int] = ()) -> str:
+    """Serve aiotimer clients on a socket in a fresh 0700 directory; the socket's path.
+
+    The directory goes when the server closes.  A fixed name in /tmp could be
+    taken (or swapped) first by any user; ``mkdtemp`` makes a new one atomically.
+    """
+    from .transports.socket import listen_socket
+
+    directory = tempfile.mkdtemp(prefix="aiotimer-")
+    server.add_listener(_PrivateDirectory(directory))  # closed after the socket's listener
+    path = os.path.join(directory, "timer.sock")
+    await listen_socket(server, path, roots=roots)
+    return path
+
+
 async def serve_command(
     command: Sequence[str],
     *,
@@ -842,13 +877,23 @@ async def serve_command(
             await listen_fifo(server, fifo, roots=roots)
         except (FileExistsError, PermissionError) as exc:  # taken since the check, or not ours
             raise UsageError(f"--fifo {fifo}: {exc.strerror or exc}") from None
+        # aiotimer's own clients (expires, timer) in the command's processes: they do
+        # not inherit a pipe through torchrun, they connect here.
+        socket_path = await listen_private_socket(server, roots)
         metrics = None
         if metrics_port is not None:
             metrics = serve_metrics(server, metrics_host, metrics_port)
             err.write(f"aiotimer: metrics on {metrics.url} (health: /healthz)\n".encode())
         env = dict(os.environ)
         env["TORCHELASTIC_TIMER_FILE"] = fifo
+        env[ENV_SOCKET] = socket_path
         env[ENV_TOKEN] = token
+        if env.pop("TORCHELASTIC_ENABLE_FILE_TIMER", None) is not None:
+            err.write(
+                b"aiotimer: unset TORCHELASTIC_ENABLE_FILE_TIMER for the command: aiotimer "
+                b"serves torch's timer clients on TORCHELASTIC_TIMER_FILE itself (torchrun "
+                b"would start a second server on it)\n"
+            )
         child = await server.spawn(program, *command[1:], env=env)
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
