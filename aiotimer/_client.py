@@ -26,6 +26,7 @@ from ._protocol import (
     ENV_DUMP_DIR,
     ENV_DUMP_SIGNAL,
     ENV_FD,
+    ENV_FD_INODE,
     ENV_SOCKET,
     Reply,
     decode_reply,
@@ -116,13 +117,21 @@ class PipeClient(TimerClient):
         *,
         dump_signal: int | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
+        inode: int | None = None,
     ) -> None:
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError as exc:
             raise ServerUnavailableError(f"timer pipe fd {fd} is not open: {exc}") from None
-        if not stat.S_ISFIFO(mode):
+        if not stat.S_ISFIFO(st.st_mode):
             raise ServerUnavailableError(f"timer pipe fd {fd} is not a pipe")
+        if inode is not None and st.st_ino != inode:
+            # The environment was inherited, the fd was not: this number is now some
+            # other pipe (a DataLoader queue, say), which frames must never go into.
+            raise ServerUnavailableError(
+                f"fd {fd} is not the timer pipe: it is another pipe (inode {st.st_ino}, "
+                f"not {inode})"
+            )
         self._fd = fd
         self._dump_signal = dump_signal or 0
         self._dump_dir = dump_dir
@@ -146,12 +155,15 @@ class PipeClient(TimerClient):
         try:
             fd = int(raw)
             dump = int(env.get(ENV_DUMP_SIGNAL, "0") or 0)
+            inode = int(env[ENV_FD_INODE]) if env.get(ENV_FD_INODE) else None
         except ValueError:
             raise ClientNotConfiguredError(
-                f"{ENV_FD}={raw!r} / {ENV_DUMP_SIGNAL}={env.get(ENV_DUMP_SIGNAL)!r} "
-                "must be integers"
+                f"{ENV_FD}={raw!r} / {ENV_DUMP_SIGNAL}={env.get(ENV_DUMP_SIGNAL)!r} / "
+                f"{ENV_FD_INODE}={env.get(ENV_FD_INODE)!r} must be integers"
             ) from None
-        return cls(fd, dump_signal=dump or None, dump_dir=env.get(ENV_DUMP_DIR) or None)
+        return cls(
+            fd, dump_signal=dump or None, dump_dir=env.get(ENV_DUMP_DIR) or None, inode=inode
+        )
 
     def _send(self, frame: bytes) -> None:
         if self._greeted_pid != _pid:  # a new process (this one, or a forked child)

@@ -61,6 +61,7 @@ __all__ = [
     "ENV_DISABLE",
     "ENV_DUMP_SIGNAL",
     "ENV_FD",
+    "ENV_FD_INODE",
     "ENV_SOCKET",
     "FRAME_MAX",
     "HEADER_SIZE",
@@ -90,6 +91,9 @@ __all__ = [
 
 #: Environment variable naming the inherited fd a spawned worker writes requests to.
 ENV_FD = "AIOTIMER_FD"
+#: Environment variable naming the inode of that pipe: a process that inherited the
+#: environment but not the fd (torchrun's workers) may hold another pipe at that number.
+ENV_FD_INODE = "AIOTIMER_FD_INODE"
 #: Environment variable naming the signal a spawned worker should dump stacks on.
 ENV_DUMP_SIGNAL = "AIOTIMER_DUMP_SIGNAL"
 #: Environment variable naming the directory a spawned worker writes its stack dumps into.

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from ._events import EventBus, WorkerExited, logger
 from ._linux import ProcessGone, die_with_parent
-from ._protocol import ENV_DUMP_DIR, ENV_DUMP_SIGNAL, ENV_FD
+from ._protocol import ENV_DUMP_DIR, ENV_DUMP_SIGNAL, ENV_FD, ENV_FD_INODE
 
 __all__ = ["Worker", "WorkerSet", "start_worker_process"]
 
@@ -63,6 +63,7 @@ async def start_worker_process(
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     child_env = dict(os.environ if env is None else env)
     child_env[ENV_FD] = str(write_fd)
+    child_env[ENV_FD_INODE] = str(os.fstat(write_fd).st_ino)
     if dump_signal is not None:
         child_env[ENV_DUMP_SIGNAL] = str(dump_signal)
     else:

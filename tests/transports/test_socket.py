@@ -593,3 +593,117 @@ def test_encoded_frames_for_the_socket_are_the_pipes() -> None:
     requests, errors = FrameDecoder().feed(data)
     assert [r.pid for r in requests] == [5, 5] and errors == []
     assert issubclass(SocketListener, object)
+
+
+# -- over a cap --------------------------------------------------------------------------------
+
+
+async def test_a_process_over_the_connection_cap_is_refused_loudly(tmp_path: Path) -> None:
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path, max_connections=1)
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HANG,
+            "600",
+            env=client_env(path),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None
+            assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"armed\n"
+            status, out = await run_client(TRY, path)
+            assert status == 3, out
+            assert "its cap (max_connections=1)" in out, out
+            assert listener.refused == 1
+        finally:
+            holder.kill()
+            await holder.wait()
+        with pytest.raises(ValueError, match=r"`max_connections` must be an int >= 1, got 0"):
+            await listen_socket(server, tmp_path / "other.sock", max_connections=0)
+
+
+async def test_a_process_that_closed_its_connection_and_hangs_is_still_killed(
+    tmp_path: Path,
+) -> None:
+    code = textwrap.dedent("""
+        import time, aiotimer
+        with aiotimer.expires(after=0.3, scope="closed and hung"):
+            aiotimer.get_client()._sock.close()
+            time.sleep(600)
+    """)
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        status, out = await run_client(code, path)
+        assert status == -signal.SIGKILL, out
+        assert listener.connections == 0
+
+
+# -- aiotimer serve and run: the socket in the job's environment ------------------------------
+
+#: A command whose child (no fd inherited: close_fds, as torchrun starts its workers) uses
+#: aiotimer's own API and hangs in a block.
+GRANDCHILD = textwrap.dedent("""
+    import os, subprocess, sys
+    print("command sees", "TORCHELASTIC_ENABLE_FILE_TIMER" in os.environ,
+          os.environ["AIOTIMER_SOCKET"] != "", flush=True)
+    child = (
+        "import os, time, aiotimer\\n"
+        "assert not os.path.exists('/proc/self/fd/' + os.environ['AIOTIMER_FD'])"
+        " or os.fstat(int(os.environ['AIOTIMER_FD'])).st_ino"
+        " != int(os.environ['AIOTIMER_FD_INODE'])\\n"
+        "print('client', type(aiotimer.get_client()).__name__, flush=True)\\n"
+        "with aiotimer.expires(after=0.5, scope='grandchild'):\\n"
+        "    time.sleep(600)\\n"
+    )
+    status = subprocess.run([sys.executable, "-c", child]).returncode
+    print("grandchild exited", status, flush=True)
+""")
+
+
+def test_serve_exports_the_socket_and_a_non_child_process_is_killed(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOTIMER_")}
+    env.pop("TORCHELASTIC_TIMER_FILE", None)
+    env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "aiotimer", "serve", "--", sys.executable, "-c", GRANDCHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "command sees False True" in out, out
+    assert "client SocketClient" in out and "grandchild exited -9" in out, out
+    assert out.count("unset TORCHELASTIC_ENABLE_FILE_TIMER") == 1, out
+
+
+def test_run_exports_the_socket_too(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOTIMER_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiotimer",
+            "run",
+            "-n",
+            "1",
+            "--dump-timeout",
+            "0",
+            "--",
+            sys.executable,
+            "-c",
+            GRANDCHILD,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert "client SocketClient" in out and "grandchild exited -9" in out, out
