@@ -55,10 +55,11 @@ __all__ = [
 ]
 
 #: Seconds after a deadline by which the kill goes out, captured or not.  Measured
-#: (``py-spy dump --native``, torch 2.13, 2 cores both kept busy): an idle torch
-#: process 0.35-0.82 s, a gloo rank waiting in ``all_reduce`` 0.85-1.38 s, both
-#: ranks of a 2-rank job at once 1.0-1.9 s (p90), 3.7 s at worst.  The kill goes
-#: out as soon as the capture is in: the bound is only reached when it is slow.
+#: (``py-spy dump --native``, torch 2.13, 2 cores both kept busy, two runs of 20
+#: dumps): an idle torch process 0.1-0.8 s, a gloo rank waiting in ``all_reduce``
+#: 0.6-1.4 s, both ranks of a 2-rank job at once 0.8-1.9 s (p90 1.4-1.9 s), 3.7 s
+#: at worst (README, Incidents).  The kill goes out as soon as the capture is in:
+#: the bound is reached only when it is slow.
 DEFAULT_DUMP_TIMEOUT = 5.0
 # The other processes' captures may run this much longer than the hung one's:
 # they are not being killed, but the incident waits for them.
@@ -167,9 +168,13 @@ def _taken_text(taken: object) -> str:
     """``taken at the deadline +0.012s, done +0.188s`` (for the incident's text)."""
     if not isinstance(taken, dict) or not isinstance(taken.get("after_deadline"), float):
         return ""
-    text = f"taken at the deadline {taken['after_deadline']:+.3f}s"
+
+    def seconds(value: float) -> str:
+        return f"{round(value, 3) + 0.0:+.3f}s"  # + 0.0: never "-0.000s"
+
+    text = f"taken at the deadline {seconds(taken['after_deadline'])}"
     done = taken.get("done_after_deadline")
-    return text + (f", done {done:+.3f}s" if isinstance(done, float) else ", not done")
+    return text + (f", done {seconds(done)}" if isinstance(done, float) else ", not done")
 
 
 def _collective(stacks: Stacks) -> str | None:
