@@ -344,14 +344,11 @@ class SocketClient(TimerClient):
         self._refusal = None
         self._drop()
 
-    def _send(self, frame_for: Callable[[int], bytes]) -> None:
-        """Send ``frame_for(pid)``; if the server went away, connect once more and resend."""
-        sock, pid = self._connection()
-        try:
-            sock.sendall(frame_for(pid), _MSG_NOSIGNAL)
-            return
-        except OSError as exc:
-            first = exc
+    def _resend(
+        self, sock: socket.socket, first: OSError, frame_for: Callable[[int], bytes]
+    ) -> None:
+        """A send on ``sock`` failed: the server went away.  Connect once more (a restarted
+        server) and send ``frame_for(pid)`` there; else ``ServerUnavailableError``."""
         with self._lock:
             if self._sock is sock:
                 self._drop()
@@ -369,22 +366,34 @@ class SocketClient(TimerClient):
                 f"the timer server on {self.path} is not reading (send failed: {exc})"
             ) from None
 
-    # -- requests
+    # -- requests: one send each; the slow path only when it fails
 
     def acquire(self, scope: str, deadline: float) -> None:
         """Arm ``scope`` until ``deadline`` (``time.monotonic()`` seconds)."""
+        sock, pid = self._connection()
         now = time.monotonic()
-        self._send(lambda pid: encode_acquire_stamped(pid, scope, deadline, now))
+        try:
+            sock.sendall(encode_acquire_stamped(pid, scope, deadline, now), _MSG_NOSIGNAL)
+        except OSError as exc:
+            self._resend(sock, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
 
     def acquire_after(self, scope: str, seconds: float) -> None:
         """Arm ``scope`` to expire ``seconds`` from now (stamped with this process's clock)."""
+        sock, pid = self._connection()
         now = time.monotonic()
         deadline = now + seconds
-        self._send(lambda pid: encode_acquire_stamped(pid, scope, deadline, now))
+        try:
+            sock.sendall(encode_acquire_stamped(pid, scope, deadline, now), _MSG_NOSIGNAL)
+        except OSError as exc:
+            self._resend(sock, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
 
     def release(self, scope: str) -> None:
         """Disarm ``scope``."""
-        self._send(lambda pid: encode_release(pid, scope))
+        sock, pid = self._connection()
+        try:
+            sock.sendall(encode_release(pid, scope), _MSG_NOSIGNAL)
+        except OSError as exc:
+            self._resend(sock, exc, lambda p: encode_release(p, scope))
 
 
 _MSG_NOSIGNAL = 0x4000  # socket.MSG_NOSIGNAL on Linux: EPIPE, never SIGPIPE
