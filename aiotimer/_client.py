@@ -6,6 +6,7 @@ import abc
 import faulthandler
 import os
 import stat
+import struct
 import sys
 import threading
 import time
@@ -272,9 +273,16 @@ class SocketClient(TimerClient):
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(self._timeout)
+            # The kernel's timeouts, on a blocking socket: a Unix socket's connect waits
+            # for room in a listener's full backlog only when blocking (a non-blocking
+            # one, as Python's settimeout makes it, fails at once with EAGAIN).
+            whole = int(self._timeout)
+            timeout = _TIMEVAL.pack(whole, int((self._timeout - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
             reply = self._handshake(sock)
-            sock.settimeout(None)
+            # Then requests block as a pipe's writes do when the server does not read.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
         except BaseException:
             sock.close()
             raise
@@ -317,7 +325,7 @@ class SocketClient(TimerClient):
                 f"no timer server listens on {self.path} ({exc.strerror}): it exited, or "
                 f"{ENV_SOCKET} names the socket of another job"
             ) from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # the kernel's timeouts say EAGAIN
             raise ServerUnavailableError(
                 f"{where} did not answer within {self._timeout:g}s"
             ) from None
@@ -331,6 +339,11 @@ class SocketClient(TimerClient):
                 "or replaced its socket)"
             )
         return reply
+
+    def close(self) -> None:
+        """Close this process's connection (the next request connects again)."""
+        with self._lock:
+            self._drop()
 
     def _drop(self) -> None:
         """Forget the connection (closing this process's fd of it only)."""
@@ -396,6 +409,7 @@ class SocketClient(TimerClient):
             self._resend(sock, exc, lambda p: encode_release(p, scope))
 
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 _MSG_NOSIGNAL = 0x4000  # socket.MSG_NOSIGNAL on Linux: EPIPE, never SIGPIPE
 
 

@@ -346,3 +346,49 @@ def test_the_disabled_warning_is_said_once_per_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ran unprotected\n"
     assert result.stderr.count("AIOTIMER_DISABLE=1: no watchdog") == 1, result.stderr
+
+
+def test_a_full_backlog_is_waited_for_within_the_connect_timeout(tmp_path: Path) -> None:
+    """A flood of connects can fill the server's backlog: a client waits for room (a
+    non-blocking connect failed at once with EAGAIN), up to its connect timeout."""
+    import socket
+
+    from aiotimer._protocol import Reply, encode_reply
+
+    path = str(tmp_path / "timer.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:  # fill the backlog
+        filler = socket.socket(socket.AF_UNIX)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            filler.close()
+            break
+        fillers.append(filler)
+    try:
+        started = time.monotonic()
+        with pytest.raises(aiotimer.ServerUnavailableError, match=r"did not answer within 0.3s"):
+            aiotimer.SocketClient(path, connect_timeout=0.3).release("s")
+        assert time.monotonic() - started >= 0.25
+
+        def serve() -> None:  # room in the backlog after 0.2 s, and a welcome for each
+            time.sleep(0.2)
+            for _ in range(len(fillers) + 1):
+                conn, _ = listener.accept()
+                conn.sendall(encode_reply(Reply(True, os.getpid(), 0, "")))
+                conn.close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        client = aiotimer.SocketClient(path, connect_timeout=30)
+        client.release("s")
+        client.close()
+        thread.join()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
