@@ -497,7 +497,9 @@ class SocketChannel(Channel):
             return
         except OSError:  # ECONNRESET: the peer went away with unread data
             data = b""
-        if not data:
+        if not data or self._peer_exited:
+            # After its peer's exit the connection speaks for no one: what is left
+            # (a release of a timer dropped with the process) is moot, not an error.
             self._hang_up()
             return
         requests, errors = self._decoder.feed(data)
@@ -532,7 +534,7 @@ class SocketChannel(Channel):
     def _hang_up(self) -> None:
         if self._fd < 0:
             return
-        if self._decoder.pending:
+        if self._decoder.pending and not self._peer_exited:
             self.sink.reject(
                 self,
                 f"the connection closed with {self._decoder.pending} bytes of an "

@@ -159,6 +159,27 @@ async def test_a_process_that_releases_in_time_is_not_killed(tmp_path: Path) -> 
         await until(lambda: listener.connections == 0)
 
 
+async def test_processes_that_exit_right_after_a_block_cost_no_rejection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release read after its process's exit was seen is moot, not a rejection to log."""
+    caplog.set_level(logging.WARNING, logger="aiotimer")
+    code = "import aiotimer\nwith aiotimer.expires(after=60):\n    pass\n"
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        procs = [
+            await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=client_env(path))
+            for _ in range(10)
+        ]
+        assert [await asyncio.wait_for(p.wait(), 60) for p in procs] == [0] * 10
+        await until(lambda: listener.accepted == 10 and listener.connections == 0)
+        await until(lambda: server.statistics().watched_processes == 0)
+        stats = server.statistics()
+        assert stats.rejected == 0 and stats.active_timers == 0 and stats.kills == 0, stats
+    assert warnings_of(caplog) == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
 async def test_another_user_cannot_arm_anything_and_is_told_why(
     shared_dir: Path, caplog: pytest.LogCaptureFixture
