@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         "[--metrics-port PORT] [--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] "
         "[--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
-        "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers). "
-        "Exits with CMD's status.",
+        "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers); "
+        "aiotimer's own expires/timer in CMD's processes connect to a socket, named in "
+        "AIOTIMER_SOCKET. Exits with CMD's status.",
     )
     serve.add_argument(
         "--fifo", default=None, help="FIFO path (default: a new one in the temporary directory)"
