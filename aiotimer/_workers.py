@@ -265,6 +265,14 @@ class WorkerSet:
         """``worker`` exited (its pidfd says so): report it, once, with its exit status."""
         self._workers.discard(worker)
         status = returncode if returncode is not None else worker.returncode
+        if worker.returncode is None:
+            # Its status was read through the pidfd, but asyncio's child watcher has
+            # not reaped it yet (a watcher thread on Python 3.11's own loop runs late
+            # on a busy machine): closing waits for that, or the loop closes on a
+            # transport asyncio still thinks is running.
+            reaped = worker.exit_status()
+            self._reporting.add(reaped)
+            reaped.add_done_callback(self._reporting.discard)
         if status is not None:
             self._events.emit(WorkerExited(worker.pid, status, timers_cleared, worker))
             return

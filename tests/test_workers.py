@@ -299,7 +299,7 @@ async def test_a_worker_inherits_stdio_unless_asked_for_pipes() -> None:
 
 
 async def test_closing_waits_until_asyncio_has_reaped_every_worker(
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The pidfd can report a worker's exit (its status read with WNOWAIT) before asyncio's
     child watcher has reaped it: on Python 3.11's own loop that watcher is a thread per
@@ -310,16 +310,6 @@ async def test_closing_waits_until_asyncio_has_reaped_every_worker(
     import threading
     import time
 
-    if sys.version_info < (3, 12) and isinstance(
-        asyncio.get_running_loop(), asyncio.SelectorEventLoop
-    ):
-        # The fix belongs in aiotimer/_workers.py (WorkerSet: on an exit the pidfd reported
-        # first, keep worker.exit_status() and await it in kill_all), which is being changed
-        # by another engineer right now; see the report on issue 23.  Strict: it says so
-        # when fixed.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="WorkerSet.kill_all does not wait for the reap")
-        )
     real_waitpid = os.waitpid
 
     def late_waitpid(pid: int, options: int) -> tuple[int, int]:
