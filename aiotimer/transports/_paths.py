@@ -30,7 +30,7 @@ from pathlib import Path
 from .._events import logger
 from .._linux import inotify_names, inotify_watch_dir
 
-__all__ = ["PathGuard", "describe", "rename_noreplace"]
+__all__ = ["GuardedPath", "PathGuard", "describe", "existing_of_ours", "rename_noreplace"]
 
 # How many ``<path>.displaced-<n>`` names are tried (each one syscall) before a
 # thing in the path's place is removed instead: names left by earlier servers,
@@ -284,3 +284,42 @@ class PathGuard:
         if self._unsaid_handle is not None:
             self._unsaid_handle.cancel()
             self._say_unsaid()
+
+
+def existing_of_ours(
+    path: str | os.PathLike[str], name: str, is_kind: Callable[[int], bool], kind: str
+) -> bool:
+    """Whether ``path`` holds a ``kind`` of this user (``is_kind(st_mode)``); ``False`` if
+    nothing is there.  ``FileExistsError`` naming the parameter ``name`` if something
+    else is: it is never replaced (nor followed, if a symlink), nor another user's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    shown = os.fspath(path)
+    if not is_kind(st.st_mode):
+        raise FileExistsError(
+            f"`{name}` {shown!r} exists and is not {kind}; refusing to replace it"
+        )
+    if st.st_uid != os.geteuid():
+        raise FileExistsError(
+            f"`{name}` {shown!r} is {kind} of another user (uid {st.st_uid}); "
+            "refusing to replace it"
+        )
+    return True
+
+
+class GuardedPath:
+    """What a listener whose path a ``PathGuard`` keeps reports of it (``_guard``)."""
+
+    _guard: PathGuard
+
+    @property
+    def replaced(self) -> int:
+        """Times the path was found removed or replaced by something else while serving."""
+        return self._guard.replaced
+
+    @property
+    def displaced(self) -> int:
+        """Things found in the path's place and moved aside or, failing that, removed."""
+        return self._guard.displaced

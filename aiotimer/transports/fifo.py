@@ -40,7 +40,7 @@ from .._events import logger
 from .._processes import foreign_descendant_of
 from .._protocol import JsonLineDecoder
 from ._base import Channel, Host, RequestSink
-from ._paths import PathGuard
+from ._paths import GuardedPath, PathGuard, existing_of_ours
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]
 
@@ -56,23 +56,10 @@ def check_fifo_path(path: str | os.PathLike[str], name: str = "file_path") -> bo
     nor is another user's FIFO: it is theirs, and in a sticky directory such as
     /tmp it could not be removed anyway.
     """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISFIFO(st.st_mode):
-        raise FileExistsError(
-            f"`{name}` {os.fspath(path)!r} exists and is not a FIFO; refusing to replace it"
-        )
-    if st.st_uid != os.geteuid():
-        raise FileExistsError(
-            f"`{name}` {os.fspath(path)!r} is a FIFO of another user (uid {st.st_uid}); "
-            "refusing to replace it"
-        )
-    return True
+    return existing_of_ours(path, name, stat.S_ISFIFO, "a FIFO")
 
 
-class FifoListener(Channel):
+class FifoListener(GuardedPath, Channel):
     """Serves torch ``FileTimerClient`` requests arriving on the FIFO at ``path``.
 
     Create it with ``await listen_fifo(server, path)``; it closes with the server.
@@ -102,16 +89,6 @@ class FifoListener(Channel):
         self._guard = PathGuard(
             self.path, "FIFO", self._recreate, lost=" (what clients wrote into it is lost)"
         )
-
-    @property
-    def replaced(self) -> int:
-        """Times the path was found removed or replaced by something else while serving."""
-        return self._guard.replaced
-
-    @property
-    def displaced(self) -> int:
-        """Things found in the FIFO's place and moved aside or, failing that, removed."""
-        return self._guard.displaced
 
     @property
     def warn_period(self) -> float:

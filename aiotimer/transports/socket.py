@@ -53,7 +53,7 @@ from .._processes import foreign_descendant_of
 from .._protocol import FrameDecoder, Reply, Request, encode_reply
 from .._validate import check_count
 from ._base import Channel, Host
-from ._paths import PathGuard, rename_noreplace
+from ._paths import GuardedPath, PathGuard, existing_of_ours, rename_noreplace
 
 __all__ = ["SocketChannel", "SocketListener", "check_socket_path", "listen_socket"]
 
@@ -96,20 +96,9 @@ def check_socket_path(path: str | os.PathLike[str], name: str = "path") -> bool:
     listens on (another job's: two servers on one path would steal each
     other's clients).
     """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    if not existing_of_ours(path, name, stat.S_ISSOCK, "a socket"):
         return False
     shown = os.fspath(path)
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(
-            f"`{name}` {shown!r} exists and is not a socket; refusing to replace it"
-        )
-    if st.st_uid != os.geteuid():
-        raise FileExistsError(
-            f"`{name}` {shown!r} is a socket of another user (uid {st.st_uid}); "
-            "refusing to replace it"
-        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         probe.connect(os.fspath(path))
@@ -169,7 +158,7 @@ def _private_directory(directory: Path, name: str) -> bool:
         os.close(fd)
 
 
-class SocketListener(Channel):
+class SocketListener(GuardedPath, Channel):
     """Accepts connections on the socket at ``path``; each one is a ``SocketChannel``.
 
     Create it with ``await listen_socket(server, path)``; it closes with the
@@ -222,16 +211,6 @@ class SocketListener(Channel):
     def entitled(self, pid: int) -> str | None:
         """The listener itself arms nothing: its connections do."""
         return f"pid {pid}: requests come on a connection, not on the listener"
-
-    @property
-    def replaced(self) -> int:
-        """Times the path was found removed or replaced by something else while serving."""
-        return self._guard.replaced
-
-    @property
-    def displaced(self) -> int:
-        """Things found in the socket's place and moved aside or, failing that, removed."""
-        return self._guard.displaced
 
     @property
     def connections(self) -> int:
