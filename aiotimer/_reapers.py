@@ -6,7 +6,7 @@ import signal as _signal
 from collections.abc import Coroutine
 from typing import Any
 
-from ._events import logger
+from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry
 from ._validate import check_seconds, check_signal
 
@@ -94,5 +94,6 @@ class SignalReaper:
             expiry.pid,
             self.grace,
             _signal.Signals(sig).name,
+            extra=EVENT_LOGGED,  # the SignalSent event that follows says it too
         )
         expiry.send_signal(_signal.SIGKILL, group=self.process_group)

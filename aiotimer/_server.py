@@ -298,7 +298,13 @@ class TimerServer:
         """Start watching on the running loop; returns at once."""
         if self._state is not _State.CREATED:
             raise RuntimeError(f"cannot start a TimerServer that is {self._state.value}")
-        self._loop = loop = asyncio.get_running_loop()
+        try:
+            self._loop = loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "TimerServer needs an asyncio event loop (asyncio's own or uvloop; under "
+                "anyio, backend='asyncio'); none is running in this thread"
+            ) from None
         self._closed = asyncio.Event()
         self._registry.bind(loop)
         self._killer.bind(loop)

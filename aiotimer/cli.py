@@ -306,16 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 class _NotShownAsEvent(logging.Filter):
     """Drops log records that repeat an event the launcher prints itself.
 
-    Those are marked ``aiotimer_event`` (``EVENT_LOGGED``), but for one:
-    ``SignalReaper``'s escalation warning ("pid N still alive 5s after SIGTERM;
-    sending SIGKILL"), which the ``SignalSent`` event's line says already.
+    Those are marked ``aiotimer_event`` (``EVENT_LOGGED``).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "aiotimer_event", False):
-            return False
-        escalation = record.module == "_reapers" and str(record.msg).startswith("pid %d still")
-        return not escalation
+        return not getattr(record, "aiotimer_event", False)
 
 
 def _configure_logging(level: str, *, events_printed: bool, sink: StreamSink) -> None:

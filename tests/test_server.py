@@ -303,3 +303,12 @@ async def test_realtime_not_permitted_is_said_and_serves_at_normal_priority(
         assert recording_reaper.scopes == [["step"]]
     (record,) = [r for r in caplog.records if "not permitted" in r.getMessage()]
     assert record.levelname == level and "CAP_SYS_NICE" in record.getMessage()
+
+
+def test_without_an_asyncio_loop_start_says_it_needs_one() -> None:
+    """Under anyio's trio backend (or any non-asyncio runner) no asyncio loop is running."""
+    from aiotimer import TimerServer
+
+    coro = TimerServer().start()
+    with pytest.raises(RuntimeError, match="TimerServer needs an asyncio event loop"):
+        coro.send(None)
