@@ -334,9 +334,7 @@ class DeadlineHeap:
         state = self._owners.get(owner)
         if state is None or state.entry is not None:
             return
-        before = state.garbage
-        top = state.top()
-        self._garbage -= before - state.garbage
+        top = self._top(state)
         if top is not None:
             state.entry = (top[0], owner)
             _heappush(self._heap, state.entry)
@@ -365,6 +363,13 @@ class DeadlineHeap:
         """Every owner with at least one live timer."""
         return list(self._owners)
 
+    def _top(self, state: OwnerTimers) -> Timer | None:
+        """``state``'s earliest live timer; the stale entries dropped above it leave the count."""
+        before = state.garbage
+        top = state.top()
+        self._garbage -= before - state.garbage
+        return top
+
     def _settle(self) -> OwnerTimers | None:
         """Make the global top exact (its owner's true earliest deadline); return that owner.
 
@@ -380,9 +385,7 @@ class DeadlineHeap:
                 _heappop(heap)
                 self._stale -= 1
                 continue
-            before = state.garbage
-            top = state.top()
-            self._garbage -= before - state.garbage
+            top = self._top(state)
             if top is None:  # cannot be: an owner with no live timer is forgotten
                 _heappop(heap)
                 state.entry = None
@@ -434,9 +437,7 @@ class DeadlineHeap:
             state.entry = None
             self._forget(state)  # its entry was just popped: nothing left stale
             return timer
-        before = state.garbage
-        top = state.top()
-        self._garbage -= before - state.garbage
+        top = self._top(state)
         assert top is not None
         state.entry = (top[0], state.owner)
         _heapreplace(self._heap, state.entry)
