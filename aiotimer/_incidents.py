@@ -31,6 +31,7 @@ import shutil
 import signal as _signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -344,9 +345,20 @@ class IncidentRecorder:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         # Absolute: the path is reported (events, torch's error file) to readers elsewhere.
         self.directory = Path(directory).absolute()
+        # Two I/O-plane threads may claim one incident at once (torch's error file,
+        # still pending when its wait timed out, and the incident's own write):
+        # without the lock each would make a file, and one would stay empty.
+        self._claiming = threading.Lock()
 
     def claim(self, incident: Incident) -> Path:
-        """Give ``incident`` a file of its own (created empty, never another's)."""
+        """Give ``incident`` a file of its own (created empty, never another's).
+
+        Safe to call from several threads at once: one file is made.
+        """
+        with self._claiming:
+            return self._claim(incident)
+
+    def _claim(self, incident: Incident) -> Path:
         if incident.path is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.fromtimestamp(incident.time, tz=datetime.UTC)

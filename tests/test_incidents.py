@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -457,6 +460,34 @@ def test_incidents_never_overwrite_each_other(tmp_path: Path) -> None:
     incident.actions.append({"step": "signal", "text": "sent SIGKILL"})
     assert recorder.write(incident) == first  # an update replaces its own file only
     assert "sent SIGKILL" in first.with_suffix(".txt").read_text()
+
+
+def test_one_incident_claimed_from_two_threads_at_once_gets_one_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's error file (its wait timed out, its thread still running) and the
+    incident's own write both claim the incident's file: CI once found a second,
+    empty incident file beside the written one."""
+    both_inside = threading.Barrier(2, timeout=0.5)
+    mkdir = Path.mkdir
+
+    def meet_then_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait()  # without the lock, both threads get here: two files
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", meet_then_mkdir)
+    recorder = IncidentRecorder(tmp_path / "inc")
+    incident = _incident()
+    threads = [threading.Thread(target=recorder.claim, args=(incident,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    recorder.write(incident)
+    (only,) = (tmp_path / "inc").glob("*.json")
+    assert json.loads(only.read_text())["pid"] == 42
 
 
 def test_torchs_error_file_is_written_once_and_never_over_the_workers_own(tmp_path: Path) -> None:
