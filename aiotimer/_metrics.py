@@ -11,12 +11,14 @@ a wedged launcher.  It costs the loop nothing while nobody asks.
 from __future__ import annotations
 
 import asyncio
-import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ._events import logger
+from ._ioplane import WARN_EVERY, run_blocking
 from ._validate import check_seconds
 
 if TYPE_CHECKING:
@@ -29,12 +31,64 @@ Source = Callable[[], tuple["Counters", int, int]]
 
 
 class _QuietHandler(WSGIRequestHandler):
+    #: Seconds a client may take to send its request or read the answer: a scraper
+    #: that connects and stalls (or a port scan) does not keep a thread for ever.
+    timeout = 5.0
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _BoundedServer(WSGIServer):
+    """A thread per request, at most ``max_threads`` at once; over that, closed at once.
+
+    socketserver's ``ThreadingMixIn`` starts a thread for every connection, so
+    10,000 idle connections were 10,000 threads in the launcher.  A scraper
+    that finds the server busy retries on its next interval.
+    """
+
+    max_threads = 8
+    # socketserver's default backlog of 5 made a burst of connects wait seconds in
+    # SYN retries, which a prober reads as "down".
+    request_queue_size = 128
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+        #: connections closed unanswered because every thread was busy
+        self.refused = 0
+        self._next_warning = 0.0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            now = time.monotonic()
+            if now >= self._next_warning:
+                self._next_warning = now + WARN_EVERY
+                logger.warning(
+                    "metrics: every one of %d threads is busy; refused %d connection(s) so far",
+                    self.max_threads,
+                    self.refused,
+                )
+            return
+        thread = threading.Thread(
+            target=self._serve, args=(request, client_address), name="aiotimer-metrics-request"
+        )
+        thread.daemon = True
+        thread.start()
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is not worth a traceback on stderr."""
 
 
 class _Collector:
@@ -159,7 +213,7 @@ class MetricsServer:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(source, workers, restarts))
         self._http = make_server(
-            host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+            host, port, self._app, server_class=_BoundedServer, handler_class=_QuietHandler
         )
         self.host = host
         self.port: int = self._http.server_address[1]
@@ -221,4 +275,4 @@ class MetricsServer:
 
     async def aclose(self) -> None:
         """``close()``, off the loop (for a server's listeners)."""
-        await asyncio.to_thread(self.close)
+        await run_blocking(self.close)
