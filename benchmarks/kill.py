@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from aiotimer import Event, KillWorkerProcess, TimerServer
-from aiotimer.transports import listen_fifo
+from aiotimer.transports import listen_fifo, listen_socket
 
 from ._procs import DeathWatch, expect_line, python_worker_argv, start_torch_host, worker_env
 
@@ -163,6 +163,25 @@ async def aiotimer_pipe(
     return run
 
 
+async def aiotimer_socket(n: int, *, realtime: bool = False) -> KillRun:
+    """aiotimer's socket listener; workers it did not spawn connect (``AIOTIMER_SOCKET``)."""
+    decisions: list[float] = []
+    pipe = asyncio.subprocess.PIPE
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sock", "timer.sock")
+        async with _decisions_into(TimerServer(realtime=realtime), decisions) as server:
+            await listen_socket(server, path)
+            argv = python_worker_argv("aiotimer")
+            env = {**worker_env(), "AIOTIMER_SOCKET": path}
+
+            async def spawn() -> object:
+                return await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, env=env)
+
+            run = await _plain(n, spawn, floor=False)
+    run.decision = decisions
+    return run
+
+
 # -- torch workers -----------------------------------------------------------------
 
 
@@ -264,6 +283,7 @@ def backends(torch_defaults: bool) -> list[Backend]:
     rows = [
         Backend("floor (plain)", floor_plain, "plain", is_floor=True),
         Backend("aiotimer-pipe", aiotimer_pipe, "plain", on_every_loop=True),
+        Backend("aiotimer-socket", aiotimer_socket, "plain", on_every_loop=True),
         Backend("floor (torch)", floor_torch, "torch", is_floor=True, needs_torch=True),
         Backend("aiotimer-fifo", aiotimer_fifo, "torch", on_every_loop=True, needs_torch=True),
         # The same with TimerServer(realtime=True): the dying victims of a burst

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from aiotimer import TimerServer
-from aiotimer.transports import listen_fifo
+from aiotimer import TimerServer, Worker
+from aiotimer.transports import listen_fifo, listen_socket
 
 from ._procs import expect_line, python_worker_argv, start_torch_host, worker_env
 
@@ -58,23 +58,47 @@ async def aiotimer_pipe(workers: int, seconds: float) -> Throughput:
             )
             for _ in range(workers)
         ]
-        await asyncio.gather(*(expect_line(p.stdout, b"ready") for p in procs))
-        base = server.statistics().requests
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write(b"go\n")
-        pairs = errors = 0
-        processed = 0
-        for p in procs:
-            assert p.stdout is not None
-            line = await asyncio.wait_for(p.stdout.readline(), seconds + 60)
-            if not processed:  # the first to finish: the window has closed
-                processed = server.statistics().requests - base - workers  # less the hellos
-            _, n, e = line.split()
-            pairs += int(n)
-            errors += int(e)
-        for p in procs:
-            await p.wait()
+        return await _pump(server, procs, seconds)
+
+
+async def aiotimer_socket(workers: int, seconds: float) -> Throughput:
+    """aiotimer over its socket: W workers it did not spawn, using ``aiotimer.expires``."""
+    pipe = asyncio.subprocess.PIPE
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sock", "timer.sock")
+        async with TimerServer() as server:
+            await listen_socket(server, path)
+            env = {**worker_env(), "AIOTIMER_SOCKET": path}
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    *python_worker_argv("pump", repr(seconds)), stdin=pipe, stdout=pipe, env=env
+                )
+                for _ in range(workers)
+            ]
+            return await _pump(server, procs, seconds)
+
+
+async def _pump(
+    server: TimerServer, procs: Sequence[Worker | asyncio.subprocess.Process], seconds: float
+) -> Throughput:
+    """Start the pumping workers ``procs`` together; what they did in the window."""
+    await asyncio.gather(*(expect_line(p.stdout, b"ready") for p in procs))
+    base = server.statistics().requests
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+    pairs = errors = 0
+    processed = 0
+    for p in procs:
+        assert p.stdout is not None
+        line = await asyncio.wait_for(p.stdout.readline(), seconds + 60)
+        if not processed:  # the first to finish: the window has closed
+            processed = server.statistics().requests - base - len(procs)  # less the hellos
+        _, n, e = line.split()
+        pairs += int(n)
+        errors += int(e)
+    for p in procs:
+        await p.wait()
     return Throughput(seconds, pairs, errors, processed)
 
 
@@ -139,6 +163,7 @@ def torch_local(max_interval: float) -> Callable[[int, float], Awaitable[Through
 #: name -> (measure, runs on every loop, needs torch)
 BACKENDS: dict[str, tuple[Callable[[int, float], Awaitable[Throughput]], bool, bool]] = {
     "aiotimer-pipe": (aiotimer_pipe, True, False),
+    "aiotimer-socket": (aiotimer_socket, True, False),
     "aiotimer-fifo": (aiotimer_fifo, True, True),
     "torch-file@0.01": (torch_file(0.01), False, True),
     "torch-local@0.01": (torch_local(0.01), False, True),

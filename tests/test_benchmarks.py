@@ -43,7 +43,13 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         return [r for r in rows if r["scenario"] == scenario]
 
     kill_backends = {(r["backend"], r["loop"]) for r in rows_of("kill")}
-    expected = {("floor (plain)", "-"), ("aiotimer-pipe", "asyncio"), ("aiotimer-pipe", "uvloop")}
+    expected = {
+        ("floor (plain)", "-"),
+        ("aiotimer-pipe", "asyncio"),
+        ("aiotimer-pipe", "uvloop"),
+        ("aiotimer-socket", "asyncio"),
+        ("aiotimer-socket", "uvloop"),
+    }
     if has_torch:
         expected |= {
             ("floor (torch)", "-"),
@@ -61,7 +67,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
             assert math.isfinite(r["decision_ms"]["p99"])  # type: ignore[index]
 
     tput = {r["backend"] for r in rows_of("throughput")}
-    assert {"aiotimer-pipe"} <= tput
+    assert {"aiotimer-pipe", "aiotimer-socket"} <= tput
     if has_torch:
         assert {"aiotimer-fifo", "torch-file@0.01", "torch-local@0.01"} <= tput
     for r in rows_of("throughput"):
