@@ -456,6 +456,7 @@ def bench_hardening(
     flooders: int,
     bystanders: int,
     garbage_bytes: int,
+    connects: int,
     reps: int,
     bursts: Sequence[tuple[int, int]],
     report: Report,
@@ -534,19 +535,24 @@ def bench_hardening(
         )
     if "garbage" in scenarios:
         table = []
-        for name, measure in (("pipe", hardening.garbage_pipe), ("fifo", hardening.garbage_fifo)):
+        for name, measure in (
+            ("pipe", hardening.garbage_pipe),
+            ("fifo", hardening.garbage_fifo),
+            ("socket", hardening.garbage_socket),
+        ):
             if name == "fifo" and not has_torch:
                 continue
-            size = garbage_bytes if name == "pipe" else garbage_bytes // 2
+            size = {"pipe": garbage_bytes, "fifo": garbage_bytes // 2}.get(name, connects)
+            unit = "connects" if name == "socket" else "bytes"
             for loop_name, factory in loops.items():
-                progress(f"garbage: {size:,} bytes on the {name}, on {loop_name}")
+                progress(f"garbage: {size:,} {unit} on the {name}, on {loop_name}")
                 out = run_on(factory, asyncio.wait_for(measure(size, reps), 600))
                 rows.append(
                     {
                         "scenario": "garbage",
                         "transport": name,
                         "loop": loop_name,
-                        "bytes": size,
+                        unit: size,
                         "decision_ms": summarize_ms(out.decisions).as_dict(),
                         "log_records": out.log_records,
                         "server_cpu_s": out.server_cpu_s,
@@ -557,7 +563,7 @@ def bench_hardening(
                     [
                         name,
                         loop_name,
-                        f"{size:,}",
+                        f"{size:,} {unit}",
                         _ms(out.decisions, "p50"),
                         _ms(out.decisions, "max"),
                         str(out.log_records),
@@ -570,7 +576,7 @@ def bench_hardening(
             [
                 "transport",
                 "loop",
-                "bytes",
+                "hostile input",
                 "dec p50 ms",
                 "dec max ms",
                 "log records",
@@ -839,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--garbage-bytes", type=int, default=4 << 20, help="garbage: bytes")
     parser.add_argument(
+        "--garbage-connects", type=int, default=10_000, help="garbage: connects to the socket"
+    )
+    parser.add_argument(
         "--bursts",
         default="10x10000,1x1000000",
         help="burst: WORKERSxTIMERS, comma-separated",
@@ -890,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workers, args.reps, args.throughput_workers = [2], 1, [2]
         args.seconds, args.scale, args.idle_seconds, args.calls = 0.5, [1000, 10_000], 0.5, 2000
         args.flooders, args.bystanders, args.garbage_bytes = 2, 2, 256 * 1024
+        args.garbage_connects = 500
         args.bursts = "2x1000"
         args.isolation_bystanders = 2
         torch_defaults = False
@@ -927,6 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flooders=args.flooders,
             bystanders=args.bystanders,
             garbage_bytes=args.garbage_bytes,
+            connects=args.garbage_connects,
             reps=1 if args.quick else 3,
             bursts=[(w, t) for w, t in bursts],
             report=report,

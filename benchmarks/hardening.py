@@ -7,6 +7,8 @@
 - ``garbage``: one worker writes megabytes of random bytes on its pipe (or junk
   lines on the FIFO) across a bystander's deadline: how late is the kill, how
   many log records did the garbage cost, and how much server CPU?
+  On the socket: thousands of connections, some sending junk, some never
+  reading, across a pipe bystander's deadline.
 - ``burst``: K timers in W workers all due at one instant: how late is the
   first signal, and how long is the loop blocked?
 - ``capture``: N hung workers, with and without incident capture (py-spy
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiotimer import Event, KillWorkerProcess, TimerServer, Worker
-from aiotimer.transports import listen_fifo
+from aiotimer.transports import listen_fifo, listen_socket
 
 from . import kill
 from ._procs import Sleeper, expect_line, python_worker_argv, start_torch_host, worker_env
@@ -282,6 +284,75 @@ async def garbage_fifo(size: int, reps: int) -> Outcome:
         log.removeHandler(counting)
     out.log_records = counting.records // max(1, reps)
     out.missed = reps - len(out.decisions)
+    return out
+
+
+#: A hostile peer of the socket: ``connects`` connections, as fast as it can; one in
+#: ten sends junk, one in a thousand stays open and never reads its greeting.
+_SOCKET_FLOOD = """
+import random, socket, sys
+path, connects = sys.argv[1], int(sys.argv[2])
+junk = random.Random(5).randbytes(1 << 16)
+print("ready", flush=True)
+sys.stdin.readline()
+kept = []
+for i in range(connects):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        if i % 10 == 0:
+            s.sendall(junk[i % 60000 :][:512], socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
+    if i % 1000 == 0:
+        kept.append(s)
+    else:
+        s.close()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def garbage_socket(connects: int, reps: int) -> Outcome:
+    """``connects`` hostile connections to the socket across a pipe bystander's deadline."""
+    out = Outcome()
+    counting = _Counting()
+    log = logging.getLogger("aiotimer")
+    log.addHandler(counting)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "sock", "timer.sock")
+            async with TimerServer() as server:
+                _decisions(server, out.decisions, out.kills)
+                await listen_socket(server, path)
+                cpu0 = _cpu()
+                for _ in range(reps):
+                    flooder = await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-c",
+                        _SOCKET_FLOOD,
+                        path,
+                        str(connects),
+                        stdin=PIPE,
+                        stdout=PIPE,
+                    )
+                    await expect_line(flooder.stdout, b"ready")
+                    bystander = await _spawn(server, "aiotimer")
+                    assert flooder.stdin is not None and bystander.stdin is not None
+                    deadline = time.monotonic() + LEAD
+                    bystander.stdin.write(f"{deadline!r}\n".encode())
+                    await expect_line(bystander.stdout, b"armed")
+                    await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
+                    flooder.stdin.write(b"go\n")  # the flood runs across the deadline
+                    if await asyncio.wait_for(bystander.wait(), 60) != -signal.SIGKILL:
+                        out.missed += 1
+                    await asyncio.wait_for(expect_line(flooder.stdout, b"done"), 600)
+                    flooder.stdin.close()
+                    await flooder.wait()
+                out.server_cpu_s = (_cpu() - cpu0) / reps
+    finally:
+        log.removeHandler(counting)
+    out.log_records = counting.records // max(1, reps)
     return out
 
 
