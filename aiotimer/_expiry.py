@@ -13,8 +13,7 @@ from ._linux import ProcessGone, pidfd_no_wakeup_preemption
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._heap import Timer
-    from ._processes import WatchedProcess
-    from ._workers import Worker
+    from ._processes import SpawnedTree, WatchedProcess
 
 __all__ = ["ExpiredTimer", "Expiry", "Reaper"]
 
@@ -110,13 +109,13 @@ class Expiry:
     @property
     def worker_pid(self) -> int | None:
         """The pid of the spawned worker this process is (or descends from), if any."""
-        worker = self._process.worker
-        return None if worker is None else worker.pid
+        spawned = self._process.spawned
+        return None if spawned is None else spawned.pid
 
     @property
-    def worker(self) -> Worker | None:
-        """The spawned worker this process is (or descends from), if the server spawned it."""
-        return self._process.worker
+    def spawned(self) -> SpawnedTree | None:
+        """The process the server spawned that this one is (or descends from), if any."""
+        return self._process.spawned
 
     @property
     def dump_signal(self) -> int:

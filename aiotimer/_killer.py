@@ -433,8 +433,8 @@ class Killer:
             if process.reaping:
                 continue
             process.reaping = True
-            worker = process.worker
-            reaper = (worker.reaper if worker is not None else None) or default
+            spawned = process.spawned
+            reaper = (spawned.reaper if spawned is not None else None) or default
             burst.append((reaper, expiry, process))
         if len(burst) > 1:
             self._prepare(burst)
@@ -471,8 +471,8 @@ class Killer:
         events = self._events
         process = self._registry.by_id.get(owner)
         pid = process.pid if process is not None else None
-        worker = None if process is None else process.worker
-        worker_pid = None if worker is None else worker.pid
+        spawned = None if process is None else process.spawned
+        worker_pid = None if spawned is None else spawned.pid
         counters.record_lags(now, [t[0] for t in timers])
         scopes = ", ".join(repr(t.scope) for t in timers[:_SCOPES_LOGGED])
         more = len(timers) - _SCOPES_LOGGED
@@ -504,9 +504,9 @@ class Killer:
             # It is being killed: its other timers would only call the reaper
             # again.  A reaper that failed or signalled nothing leaves them armed.
             self._drop(process.id)
-        worker = process.worker
-        if worker is not None and worker.pid == process.pid:
-            worker.expired_scopes.extend(expiry.scopes(EVENTS_PER_PROCESS))
+        spawned = process.spawned
+        if spawned is not None and spawned.pid == process.pid:
+            spawned.expired_scopes.extend(expiry.scopes(EVENTS_PER_PROCESS))
         if error is not None:
             self._follow_ups.failed(reaper, expiry, 1, error)
             self._follow_ups.start(reaper, expiry, process, None, 2)
@@ -544,9 +544,9 @@ class Killer:
         self._counters.kills += 1
         self._counters.record_decision(latency)
         self._counters.record_signal(_signal_name(sig))
-        worker = expiry.worker
-        if worker is not None and worker.pid == expiry.pid:
-            worker.killed_by_watchdog = True
+        spawned = expiry.spawned
+        if spawned is not None and spawned.pid == expiry.pid:
+            spawned.killed_by_watchdog = True
         logger.warning(
             "sent %s to pid %d (%.3f ms after its deadline)",
             _signal_name(sig),

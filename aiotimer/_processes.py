@@ -18,7 +18,7 @@ import math
 import os
 import resource
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ._linux import (
     ProcessGone,
@@ -33,13 +33,11 @@ from ._linux import (
 # Where this process's own time namespace puts CLOCK_MONOTONIC (0 in the initial one).
 _OWN_OFFSET = monotonic_offset()
 
-if TYPE_CHECKING:
-    from ._workers import Worker
-
 __all__ = [
     "TREE_RESERVE",
     "Applicant",
     "ProcessRegistry",
+    "SpawnedTree",
     "WatchedProcess",
     "descendant_of",
     "foreign_descendant_of",
@@ -69,16 +67,44 @@ def foreign_descendant_of(pid: int, roots: frozenset[int]) -> str | None:
     return descendant_of(pid, roots)
 
 
+class SpawnedTree:
+    """A process the server spawned, as the core knows it: the root of a process tree.
+
+    Its ``reaper`` (``None``: the server's) and ``process_group`` apply to the
+    expiries of the root and of its descendants.  ``expired_scopes`` and
+    ``killed_by_watchdog`` are the one record of what the watchdog did to the
+    root itself; the killer writes them, a launcher reads them (``Worker``
+    shows them).  The core knows no more of a launcher's workers than this.
+    """
+
+    __slots__ = ("expired_scopes", "killed_by_watchdog", "pid", "process_group", "reaper")
+
+    def __init__(
+        self, pid: int, reaper: Callable[..., object] | None = None, process_group: bool = False
+    ) -> None:
+        self.pid = pid
+        self.reaper = reaper
+        self.process_group = process_group
+        #: scopes of the root's expired timers, in the order they expired
+        #: (at most the first 100 of each expiry)
+        self.expired_scopes: list[str] = []
+        #: whether the watchdog signalled the root
+        self.killed_by_watchdog = False
+
+    def __repr__(self) -> str:
+        return f"<SpawnedTree pid={self.pid}>"
+
+
 class Applicant(Protocol):
-    """What admission needs of a channel: its id, its worker (if any), its rules."""
+    """What admission needs of a channel: its id, its spawned tree (if any), its rules."""
 
     @property
     def id(self) -> int:
         """The channel's id, unique in this process."""
 
     @property
-    def worker(self) -> Worker | None:
-        """The spawned worker whose pipe this is, if any."""
+    def spawned(self) -> SpawnedTree | None:
+        """The spawned process whose pipe this is, if any."""
 
     def entitled(self, pid: int) -> str | None:
         """``None`` if requests on this channel may name ``pid``, else the reason not."""
@@ -107,8 +133,8 @@ class WatchedProcess:
         "pidfd",
         "reaping",
         "returncode",
+        "spawned",
         "tree",
-        "worker",
     )
 
     def __init__(
@@ -118,14 +144,15 @@ class WatchedProcess:
         pidfd: int,
         loop: asyncio.AbstractEventLoop,
         on_exit: Callable[[WatchedProcess], None],
-        worker: Worker | None,
+        spawned: SpawnedTree | None,
     ) -> None:
         self.id = process_id
         self.pid = pid
         self.pidfd = pidfd
-        self.worker = worker
+        #: the spawned process it is, or descends from (its pipe's), if any
+        self.spawned = spawned
         #: the worker tree it is counted in, for fair shares (see ``ProcessRegistry``)
-        self.tree = worker.pid if worker is not None else pid
+        self.tree = spawned.pid if spawned is not None else pid
         self.exited = False
         #: a reaper is at work on it: further expiries do not call another
         self.reaping = False
@@ -271,14 +298,14 @@ class ProcessRegistry:
         self,
         pid: int,
         *,
-        worker: Worker | None = None,
+        spawned: SpawnedTree | None = None,
         pidfd: int | None = None,
         tree: int | None = None,
     ) -> WatchedProcess:
         """Start watching ``pid`` (a process the server spawned, say); ``ProcessGone`` if gone."""
         assert self._loop is not None, "the registry is not bound to a loop"
         fd = open_pidfd(pid) if pidfd is None else pidfd
-        process = WatchedProcess(next(self._ids), pid, fd, self._loop, self._forget, worker)
+        process = WatchedProcess(next(self._ids), pid, fd, self._loop, self._forget, spawned)
         if tree is not None:
             process.tree = tree
         self.by_pid[pid] = process
@@ -370,7 +397,7 @@ class ProcessRegistry:
             if given is None:
                 os.close(pidfd)
             return reason
-        process = self.watch(pid, worker=applicant.worker, pidfd=pidfd, tree=grove)
+        process = self.watch(pid, spawned=applicant.spawned, pidfd=pidfd, tree=grove)
         self.attach(process, cid)
         return process
 

@@ -444,10 +444,10 @@ class TimerServer:
         )
         worker = Worker(process, reaper=reaper, process_group=process_group)
         self._workers.add(worker)
-        channel = PipeChannel(self._dispatcher, worker, read_fd, loop)
+        channel = PipeChannel(self._dispatcher, worker.tree, read_fd, loop)
         self._transports.add(channel)
         try:
-            watched = self._registry.watch(process.pid, worker=worker)
+            watched = self._registry.watch(process.pid, spawned=worker.tree)
         except ProcessGone:
             # Reaped already (quick workers, a busy loop): it had no timer to
             # clear, and its exit is still reported once.
@@ -476,9 +476,11 @@ class TimerServer:
         dropped = self._heap.drop_owner(process.id)
         cleared = 0 if dropped is None else dropped.count
         self._transports.process_exited(process)
-        worker = process.worker
-        if worker is not None and worker.pid == process.pid:
-            self._workers.exited(worker, process.returncode, cleared)
+        spawned = process.spawned
+        if spawned is not None and spawned.pid == process.pid:
+            worker = self._workers.get(process.pid)
+            if worker is not None:
+                self._workers.exited(worker, process.returncode, cleared)
 
     # -- introspection ---------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from ._events import EventBus, WorkerExited, logger
 from ._linux import ProcessGone, die_with_parent
+from ._processes import SpawnedTree
 from ._protocol import ENV_DUMP_DIR, ENV_DUMP_SIGNAL, ENV_FD, ENV_FD_INODE
 
 __all__ = ["Worker", "WorkerSet", "start_worker_process"]
@@ -156,13 +157,8 @@ class Worker:
         process_group: bool,
     ) -> None:
         self._process = process
-        self.reaper = reaper
-        self.process_group = process_group
-        #: scopes of this worker's expired timers, in the order they expired
-        #: (at most the first 100 of each expiry)
-        self.expired_scopes: list[str] = []
-        #: whether the watchdog signalled this worker
-        self.killed_by_watchdog = False
+        #: what the watchdog's core knows of this worker (and records about it)
+        self.tree = SpawnedTree(process.pid, reaper, process_group)
         self.watched: _Watch | None = None
 
     def __repr__(self) -> str:
@@ -172,6 +168,29 @@ class Worker:
     def pid(self) -> int:
         """The worker's process id."""
         return self._process.pid
+
+    @property
+    def reaper(self) -> Callable[..., object] | None:
+        """The reaper for this worker's expiries (``None``: the server's)."""
+        return self.tree.reaper
+
+    @property
+    def process_group(self) -> bool:
+        """Whether the worker leads a process group of its own."""
+        return self.tree.process_group
+
+    @property
+    def expired_scopes(self) -> list[str]:
+        """Scopes of this worker's expired timers, in the order they expired.
+
+        At most the first 100 of each expiry; its descendants' are not listed.
+        """
+        return self.tree.expired_scopes
+
+    @property
+    def killed_by_watchdog(self) -> bool:
+        """Whether the watchdog signalled this worker."""
+        return self.tree.killed_by_watchdog
 
     @property
     def returncode(self) -> int | None:
@@ -246,24 +265,28 @@ class WorkerSet:
 
     def __init__(self, events: EventBus) -> None:
         self._events = events
-        self._workers: set[Worker] = set()
+        self._workers: dict[int, Worker] = {}  # by pid
         # Exits seen whose status is still to come: reported before the server closes.
         self._reporting: set[asyncio.Future[int]] = set()
 
     def __len__(self) -> int:
         return len(self._workers)
 
+    def get(self, pid: int) -> Worker | None:
+        """The running worker ``pid``, if it is one."""
+        return self._workers.get(pid)
+
     def snapshot(self) -> frozenset[Worker]:
         """The workers still running."""
-        return frozenset(self._workers)
+        return frozenset(self._workers.values())
 
     def add(self, worker: Worker) -> None:
         """Track a worker just spawned."""
-        self._workers.add(worker)
+        self._workers[worker.pid] = worker
 
     def exited(self, worker: Worker, returncode: int | None, timers_cleared: int) -> None:
         """``worker`` exited (its pidfd says so): report it, once, with its exit status."""
-        self._workers.discard(worker)
+        self._workers.pop(worker.pid, None)
         status = returncode if returncode is not None else worker.returncode
         if worker.returncode is None:
             # Its status was read through the pidfd, but asyncio's child watcher has
@@ -290,7 +313,7 @@ class WorkerSet:
 
     async def kill_all(self) -> None:
         """SIGKILL every worker still running, wait for each to be reaped and reported."""
-        workers = list(self._workers)
+        workers = list(self._workers.values())
         for worker in workers:
             if worker.returncode is None:
                 worker.kill()

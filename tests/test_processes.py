@@ -25,7 +25,7 @@ WAIT = 60.0
 @dataclass
 class Applicant:
     id: int = 1
-    worker: None = None
+    spawned: None = None
     refuse: str | None = None
 
     def entitled(self, pid: int) -> str | None:

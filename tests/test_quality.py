@@ -94,3 +94,29 @@ def test_no_import_cycles_type_checking_imports_included() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+#: The watchdog's core: it knows processes, not a launcher's workers.
+CORE = (
+    "aiotimer._heap",
+    "aiotimer._scheduler",
+    "aiotimer._killer",
+    "aiotimer._expiry",
+    "aiotimer._processes",
+    "aiotimer._dispatch",
+)
+
+
+def test_the_core_never_imports_workers_or_the_launcher() -> None:
+    # The package's __init__ runs first but imports nothing eagerly (PEP 562).
+    graph = {name: edges - {"aiotimer"} for name, edges in _package_imports().items()}
+
+    def reach(name: str, seen: set[str]) -> set[str]:
+        for target in graph.get(name, set()) - seen:
+            seen.add(target)
+            reach(target, seen)
+        return seen
+
+    for core in CORE:
+        forbidden = reach(core, set()) & {"aiotimer._workers", "aiotimer.launcher"}
+        assert not forbidden, f"{core} imports {sorted(forbidden)} (TYPE_CHECKING included)"

@@ -17,7 +17,7 @@ from .._linux import tree_root
 from .._protocol import Request
 
 if TYPE_CHECKING:
-    from .._workers import Worker
+    from .._processes import SpawnedTree
 
 __all__ = ["Channel", "Host", "Listener", "RequestSink"]
 
@@ -97,8 +97,8 @@ class Channel(abc.ABC):
     name: str = "channel"
     #: re-check on every request that a known pid is still the same process
     revalidate: bool = False
-    #: the spawned worker whose pipe this is, if any
-    worker: Worker | None = None
+    #: the spawned process whose pipe this is, if any
+    spawned: SpawnedTree | None = None
     #: the pids whose descendants this channel serves (besides a worker's own tree)
     roots: frozenset[int] = frozenset()
 
@@ -123,8 +123,8 @@ class Channel(abc.ABC):
     def tree_of(self, pid: int) -> int:
         """The worker tree ``pid`` belongs to, for fair shares: the spawned worker a pipe
         belongs to, or the process just below a root that ``pid`` descends from."""
-        if self.worker is not None:
-            return self.worker.pid
+        if self.spawned is not None:
+            return self.spawned.pid
         found = tree_root(pid, self.roots) if self.roots else None
         return pid if found is None else found
 

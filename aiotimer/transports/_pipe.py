@@ -12,7 +12,7 @@ from .._protocol import FrameDecoder
 from ._base import Channel, RequestSink
 
 if TYPE_CHECKING:
-    from .._workers import Worker
+    from .._processes import SpawnedTree
 
 __all__ = ["PipeChannel"]
 
@@ -40,13 +40,13 @@ class PipeChannel(Channel):
     def __init__(
         self,
         sink: RequestSink,
-        worker: Worker,
+        spawned: SpawnedTree,
         read_fd: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(sink)
-        self.worker: Worker = worker
-        self.name = f"pipe of worker {worker.pid}"
+        self.spawned: SpawnedTree = spawned
+        self.name = f"pipe of worker {spawned.pid}"
         self._fd = read_fd
         self._loop = loop
         self._decoder = FrameDecoder()
@@ -61,13 +61,13 @@ class PipeChannel(Channel):
         re-parented (to init, or to ``aiotimer run``, a subreaper) and no longer
         descends from the worker, but it still holds the pipe it inherited.
         """
-        if pid == self.worker.pid or descends_from(pid, {self.worker.pid}):
+        root = self.spawned.pid
+        if pid == root or descends_from(pid, {root}):
             return None
         if process_uid(pid) == os.getuid() and holds_pipe(pid, self._inode):
             return None
         return (
-            f"pid {pid} is not worker {self.worker.pid}, one of its descendants, "
-            "or a process holding its pipe"
+            f"pid {pid} is not worker {root}, one of its descendants, or a process holding its pipe"
         )
 
     @property
