@@ -88,6 +88,35 @@ def _check_metrics_installed() -> None:
         ) from None
 
 
+def _nnodes(text: str) -> int:
+    """torchrun's ``--nnodes``: ``N`` or ``MIN:MAX``; ``aiotimer run`` takes one node only."""
+    parts = text.split(":")
+    try:
+        low, high = int(parts[0]), int(parts[-1])
+    except ValueError:
+        low = high = 0
+    if len(parts) > 2 or not 0 < low <= high:
+        raise argparse.ArgumentTypeError(
+            f"--nnodes must be N or MIN:MAX with 0 < MIN <= MAX, got {text!r}"
+        )
+    if high > 1:
+        raise argparse.ArgumentTypeError(
+            f"aiotimer run starts every rank on this host, got --nnodes {text}; for a "
+            f"multi-node job, watch torchrun's ranks on each node: aiotimer serve -- "
+            f"torchrun --nnodes {text} ..."
+        )
+    return 1
+
+
+def _run_id(text: str) -> str:
+    """``--run-id``: any printable text, as torchrun's ``--rdzv-id`` (never empty)."""
+    if not text or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"--run-id must be a non-empty printable string, got {text!r}"
+        )
+    return text
+
+
 def _signal_arg(text: str) -> signal.Signals:
     try:
         return check_signal("--signal", text)
@@ -218,13 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run N watched copies of a command",
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
-        "[--stop-grace S] [--log-dir DIR] [--signal SIG] [--grace S] [--incident-dir DIR] "
+        "[--stop-grace S] [--log-dir DIR] [--run-id ID] [--standalone] [--nnodes 1] "
+        "[--signal SIG] [--grace S] [--incident-dir DIR] "
         "[--dump-timeout S] [--observe] [--event-log FILE] [--metrics-port PORT] "
         "[--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] [--log-level LEVEL] "
         "-- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
-        "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...); kill a worker whose "
-        "aiotimer.expires()/timer() block overruns, and restart the group.",
+        "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, TORCHELASTIC_RUN_ID, "
+        "TORCHELASTIC_ERROR_FILE, ...); kill a worker whose aiotimer.expires()/timer() block "
+        "overruns, and restart the group. The summary ends with the root cause: the first "
+        "failure, with its error (torch's @record) or where it hung.",
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -264,7 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--log_dir",
         dest="log_dir",
         default=None,
-        help="also write each rank's output to DIR/attempt_K/RANK/{stdout,stderr}.log",
+        help="also write each rank's output to DIR/attempt_K/RANK/{stdout,stderr}.log; its "
+        "TORCHELASTIC_ERROR_FILE is DIR/attempt_K/RANK/error.json (default: in a private "
+        "temporary directory, kept only if the summary names a file in it)",
+    )
+    run.add_argument(
+        "--run-id",
+        "--run_id",
+        dest="run_id",
+        type=_run_id,
+        default=None,
+        help="every rank's TORCHELASTIC_RUN_ID (default: a new uuid, as torchrun --standalone)",
+    )
+    run.add_argument(
+        "--standalone",
+        action="store_true",
+        help="accepted for torchrun's command lines; a no-op: aiotimer run is single-host",
+    )
+    run.add_argument(
+        "--nnodes",
+        type=_nnodes,
+        default=1,
+        help="1 or 1:1, for torchrun's command lines; for more nodes use "
+        "aiotimer serve -- torchrun ...",
     )
     _add_reaper_options(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -457,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_linger=args.metrics_linger,
             realtime=_realtime(args.realtime),
             output=output,
+            run_id=args.run_id,
         )
         status = _run(job.run())
         if job.output.closed:

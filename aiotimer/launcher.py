@@ -15,6 +15,13 @@ to, so it keeps their conventions:
 - Worker output is relayed in chunks, whatever the line length (``\\r`` progress
   bars included): stdout to stdout, stderr to stderr, a ``[rankK]: `` prefix at
   the start of each line.  The launcher's own lines go to stderr, once each.
+- torchrun's environment: ``TORCHELASTIC_RUN_ID`` (``run_id``, a new uuid by
+  default), ``TORCHELASTIC_ERROR_FILE`` per rank and attempt (in ``log_dir``, or
+  in a private directory), where torch's ``@record`` leaves a failed rank's
+  error; ``OMP_NUM_THREADS=1`` when unset and more than one rank.
+- The summary says how each rank ended (a rank stopped only because the group
+  restarted or stopped is "stopped", not FAILED), then the root cause: the
+  first failure, with its error file's message or its incident's hung frame.
 - Exit status: 0 every rank succeeded; 124 the last attempt ended with a
   watchdog expiry; 1 a rank failed on its own; 2 a usage error; 128+n stopped
   by signal n; 141 (SIGPIPE's) when its stdout was closed (``| head``).
@@ -24,16 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -63,7 +72,9 @@ __all__ = [
     "STOP_SIGNALS",
     "Job",
     "RankResult",
+    "TorchError",
     "UsageError",
+    "read_error_file",
     "resolve_program",
     "serve_command",
 ]
@@ -80,7 +91,12 @@ EXIT_SIGPIPE = 128 + signal.SIGPIPE
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: The environment variable that marks every process of one attempt of a rank.
 ENV_TOKEN = "AIOTIMER_JOB_TOKEN"
+#: Most bytes of a torch error file read (``read_error_file``).
+ERROR_FILE_LIMIT = 256 * 1024
 _CHUNK = 64 * 1024
+# The root cause shows at most this many lines of an error's message, each cut this wide.
+_ROOT_CAUSE_LINES = 8
+_ROOT_CAUSE_WIDTH = 240
 _LINE_BREAK = re.compile(rb"(\n|\r)")
 
 
@@ -141,9 +157,70 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
+@dataclass(frozen=True)
+class TorchError:
+    """What a torch error file (``TORCHELASTIC_ERROR_FILE``) says: torch's ``@record``'s format.
+
+    ``message`` is ``"<Type>: <text>"``; ``where`` the innermost frame of its
+    traceback (``file:line in function``), if it has one; ``path`` the file.
+    """
+
+    message: str
+    where: str | None
+    path: str
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>.+)$', re.M)
+
+
+def read_error_file(
+    path: str | os.PathLike[str], limit: int = ERROR_FILE_LIMIT
+) -> TorchError | None:
+    """Read the torch error file at ``path``; ``None`` if there is none (or it is empty).
+
+    At most ``limit`` bytes are read, never through a symlink, and only from a
+    regular file; a file that is too large or not torch's format is said so in
+    ``message``.  Blocks: the I/O plane's (``run_blocking``), never the loop's.
+    """
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        raise ValueError(f"`limit` must be a positive number of bytes, got {limit!r}")
+    where = os.fspath(path)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(where, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return TorchError(f"(cannot read it: {exc.strerror or exc})", None, where)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return TorchError("(not a regular file)", None, where)
+        raw = f.read(limit + 1)
+    if not raw.strip():
+        return None
+    if len(raw) > limit:
+        return TorchError(f"(larger than {limit} bytes: not read)", None, where)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        return TorchError(f"(not torch's error file format: {exc})", None, where)
+    outer = data.get("message") if isinstance(data, dict) else None
+    inner = outer if isinstance(outer, dict) else {}
+    text = outer if isinstance(outer, str) else inner.get("message")
+    if not isinstance(text, str):
+        return TorchError("(not torch's error file format: no message)", None, where)
+    extra = inner.get("extraInfo")
+    stack = extra.get("py_callstack") if isinstance(extra, dict) else None
+    frames = list(_FRAME.finditer(stack)) if isinstance(stack, str) else []
+    top = frames[-1] if frames else None
+    at = None if top is None else f"{top['file']}:{top['line']} in {top['function']}"
+    return TorchError(text, at, where)
+
+
 @dataclass
 class RankResult:
-    """How one rank of a job ended."""
+    """How one rank of a job ended (its last attempt)."""
 
     rank: int
     returncode: int | None = None
@@ -154,6 +231,32 @@ class RankResult:
     expired: bool = False
     #: expiries recorded in observe mode (nothing was signalled)
     observed: list[str] = field(default_factory=list)
+    #: why the launcher stopped the rank while it still ran ("group stop after rank 1
+    #: failed", "the launcher got SIGTERM"); ``None``: it ended on its own
+    stopped: str | None = None
+    #: the pid of the last attempt's worker
+    pid: int | None = None
+    #: what the last attempt's error file said (torch's ``@record``, or the watchdog's)
+    error: TorchError | None = None
+    #: the last attempt's incident: its one-line summary (who hung in which scope, where)
+    incident: str | None = None
+    #: ... and its file (``.txt``)
+    incident_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the last attempt ended well: exit status 0, no watchdog expiry."""
+        return self.returncode == 0 and not self.expired and self.stopped is None
+
+    def status(self) -> str:
+        """How the last attempt's worker ended: ``exit status 1``, ``killed by SIGKILL``."""
+        if self.returncode is None:
+            status = "did not start"
+        elif self.returncode < 0:
+            status = f"killed by {_signal_name(-self.returncode)}"
+        else:
+            status = f"exit status {self.returncode}"
+        return f"its watchdog fired, then {status}" if self.expired else status
 
     def describe(self) -> str:
         """One line for the summary."""
@@ -162,17 +265,11 @@ class RankResult:
         kills = f"; watchdog kills: {'; '.join(self.watchdog_kills)}" if self.watchdog_kills else ""
         if self.observed:
             kills += f"; expiries observed: {'; '.join(self.observed)}"
-        if self.returncode == 0 and not self.expired:
+        if self.ok:
             return f"rank {self.rank}: ok{tail}{kills}"
-        if self.returncode is None:
-            status = "did not start"
-        elif self.returncode < 0:
-            status = f"killed by {_signal_name(-self.returncode)}"
-        else:
-            status = f"exit status {self.returncode}"
-        if self.expired:
-            status = f"its watchdog fired, then {status}"
-        return f"rank {self.rank}: FAILED, {status}{tail}{kills}"
+        if self.stopped is not None:
+            return f"rank {self.rank}: stopped ({self.stopped}), {self.status()}{tail}{kills}"
+        return f"rank {self.rank}: FAILED, {self.status()}{tail}{kills}"
 
 
 class Output:
@@ -398,13 +495,30 @@ class _Rank:
     worker: Worker
     token: str
     relays: list[asyncio.Task[None]]
+    #: its worker's exit (its status), awaited by the restart policies
+    exit: asyncio.Task[int]
+    attempt: int
+    #: its TORCHELASTIC_ERROR_FILE (``None``: none could be made)
+    error_file: str | None
     expired_scopes: list[str] = field(default_factory=list)
+    #: why the launcher is stopping it, once it is (its exit is then no failure)
+    stopping: str | None = None
+    #: when it failed (``time.monotonic()``): its timer expired, or it exited != 0
+    failed_at: float | None = None
+    error: TorchError | None = None
+    #: its incident's summary line and ``.txt`` file
+    incident: tuple[str, str | None] | None = None
 
 
 class Job:
     """``aiotimer run``: ``nprocs`` watched copies of ``command``, restarted as torchrun would.
 
     ``realtime``: as ``TimerServer``'s (``"auto"``: the boost where permitted).
+    ``run_id``: every rank's ``TORCHELASTIC_RUN_ID`` (default: a new uuid, as
+    ``torchrun --standalone`` makes).  Each rank and attempt gets a
+    ``TORCHELASTIC_ERROR_FILE``: ``log_dir/attempt_K/RANK/error.json``, or the
+    same in a private directory (``mkdtemp``) that is removed at the end unless
+    the summary names a file in it.
     """
 
     def __init__(
@@ -423,11 +537,14 @@ class Job:
         metrics_host: str = "127.0.0.1",
         metrics_linger: float = 0.0,
         realtime: bool | Literal["auto"] = "auto",
+        run_id: str | None = None,
     ) -> None:
         if not command:
             raise UsageError("a command to run is required after --")
         if restart_policy not in ("group", "rank"):
             raise ValueError(f"`restart_policy` must be 'group' or 'rank', got {restart_policy!r}")
+        if run_id is not None and not (isinstance(run_id, str) and run_id.isprintable() and run_id):
+            raise ValueError(f"`run_id` must be a non-empty printable string, got {run_id!r}")
         self.command = [resolve_program(command[0]), *command[1:]]
         self.nprocs = nprocs
         self.max_restarts = max_restarts
@@ -449,6 +566,14 @@ class Job:
         self.output = output or Output(sys.stdout.buffer, sys.stderr.buffer)
         self.results = [RankResult(rank) for rank in range(nprocs)]
         self._job_id = uuid.uuid4().hex[:12]
+        #: every rank's TORCHELASTIC_RUN_ID
+        self.run_id = str(uuid.uuid4()) if run_id is None else run_id
+        #: where the error files go: ``log_dir``, or a private directory once running
+        self.error_dir: Path | None = self.log_dir
+        self._private_error_dir = False
+        self._error_dir_warned = False
+        self._omp_threads: str | None = None  # OMP_NUM_THREADS for the ranks, if we set it
+        self._last: dict[int, _Rank] = {}  # rank -> its latest attempt
         #: the socket aiotimer clients of the job connect to (AIOTIMER_SOCKET), once running
         self._socket: str | None = None
         self._stop_signal = 0
@@ -477,6 +602,7 @@ class Job:
                 rank.worker.kill()
             return
         self._stop_signal = signum
+        self._stopping_all(f"the launcher got {_signal_name(signum)}")
         self.output.say(
             f"got {_signal_name(signum)}: stopping every rank (SIGTERM, then SIGKILL after "
             f"{self.stop_grace:g}s)"
@@ -486,7 +612,14 @@ class Job:
     def _stdout_closed(self) -> None:
         if not self._stop_signal:
             self._stop_signal = signal.SIGPIPE
+            self._stopping_all("its stdout was closed")
             self._stopped.set()
+
+    def _stopping_all(self, why: str) -> None:
+        """Mark every running rank as being stopped by the launcher: its exit is no failure."""
+        for rank in self._live.values():
+            if rank.stopping is None:
+                rank.stopping = why
 
     # -- events ------------------------------------------------------------
 
@@ -495,16 +628,34 @@ class Job:
             rank = self._live.get(event.pid) if event.pid is not None else None
             if rank is not None:
                 rank.expired_scopes.append(event.scope)
+                if not self._observe:  # an observed expiry fails nothing
+                    self._failed(rank)
         elif isinstance(event, IncidentRecorded):
             self._incidents.add(event.worker_pid)
             self._incident_recorded.set()
+            rank = self._live.get(event.pid) if event.pid == event.worker_pid else None
+            if rank is not None and rank.incident is None:
+                txt = None if event.path is None else str(Path(event.path).with_suffix(".txt"))
+                rank.incident = (event.summary, txt)
         line = describe(event, self._who)
         if line:
             self.output.say(line)
 
+    def _failed(self, rank: _Rank) -> None:
+        """``rank`` failed now (unless the launcher is stopping it): the first time counts."""
+        if rank.failed_at is None and rank.stopping is None:
+            rank.failed_at = time.monotonic()
+
+    def _exited(self, rank: _Rank) -> None:
+        """``rank``'s worker exited (called as it is seen, so failures keep their order)."""
+        if rank.worker.returncode not in (None, 0):
+            self._failed(rank)
+
     # -- ranks ---------------------------------------------------------------
 
-    def _environment(self, rank: int, attempt: int, master_port: int, token: str) -> dict[str, str]:
+    def _environment(
+        self, rank: int, attempt: int, master_port: int, token: str, error_file: str | None
+    ) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(master_port))
@@ -517,21 +668,50 @@ class Job:
             AIOTIMER_RESTART_COUNT=str(attempt),
             TORCHELASTIC_RESTART_COUNT=str(attempt),
             TORCHELASTIC_MAX_RESTARTS=str(self.max_restarts),
+            TORCHELASTIC_RUN_ID=self.run_id,
             PYTHONUNBUFFERED="1",
         )
+        if self._omp_threads is not None:
+            env["OMP_NUM_THREADS"] = self._omp_threads
+        if error_file is not None:
+            env["TORCHELASTIC_ERROR_FILE"] = error_file
+        else:  # never an outer launcher's file (aiotimer run inside a torchrun worker)
+            env.pop("TORCHELASTIC_ERROR_FILE", None)
         env[ENV_TOKEN] = token
         if self._socket is not None:
             env[ENV_SOCKET] = self._socket
         return env
 
+    async def _error_file(self, rank: int, attempt: int) -> str | None:
+        """Make ``attempt_K/RANK/`` for ``rank``'s error file (a stale one is removed); its path.
+
+        ``None`` (said once) if the directory cannot be made: the rank runs without one.
+        """
+        if self.error_dir is None:
+            return None
+        path = self.error_dir / f"attempt_{attempt}" / str(rank) / "error.json"
+        try:
+            await run_blocking(_prepare_error_file, path)
+        except OSError as exc:
+            if not self._error_dir_warned:
+                self._error_dir_warned = True
+                flag = "" if self._private_error_dir else "--log-dir: "
+                self.output.say(
+                    f"{flag}cannot make torch's error file {path} ({exc.strerror or exc}): "
+                    "ranks run without TORCHELASTIC_ERROR_FILE"
+                )
+            return None
+        return str(path)
+
     async def _start_rank(
         self, server: TimerServer, result: RankResult, attempt: int, master_port: int
     ) -> _Rank:
         token = f"{self._job_id}/{result.rank}/{attempt}"
+        error_file = await self._error_file(result.rank, attempt)
         pipe = asyncio.subprocess.PIPE
         worker = await server.spawn(
             *self.command,
-            env=self._environment(result.rank, attempt, master_port, token),
+            env=self._environment(result.rank, attempt, master_port, token, error_file),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=pipe,
             stderr=pipe,
@@ -550,8 +730,13 @@ class Job:
                 (True, "stderr.log", worker.stderr),
             )
         ]
-        rank = _Rank(result, worker, token, relays)
+        exit = asyncio.ensure_future(worker.wait())
+        rank = _Rank(result, worker, token, relays, exit, attempt, error_file)
+        exit.add_done_callback(lambda _: self._exited(rank))
+        if self._stop_signal:  # a stop came while it started
+            rank.stopping = f"the launcher got {_signal_name(self._stop_signal)}"
         self._live[worker.pid] = rank
+        self._last[result.rank] = rank
         return rank
 
     async def _incidents_of(self, ranks: Sequence[_Rank]) -> None:
@@ -572,11 +757,17 @@ class Job:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._incident_recorded.wait(), left)
 
-    async def _end(self, ranks: Sequence[_Rank]) -> None:
-        """Stop what is left of ``ranks``: SIGTERM, the grace, SIGKILL; then their descendants."""
+    async def _end(self, ranks: Sequence[_Rank], why: str) -> None:
+        """Stop what is left of ``ranks``: SIGTERM, the grace, SIGKILL; then their descendants.
+
+        ``why`` the launcher stops them (the summary's "stopped (...)"); then
+        the failed ranks' error files are read.
+        """
         await self._incidents_of(ranks)
         running = [r for r in ranks if r.worker.returncode is None]
         for rank in running:
+            if rank.stopping is None:
+                rank.stopping = why
             rank.worker.terminate()
         if running and not self._force:
             waits = [asyncio.create_task(r.worker.wait()) for r in running]
@@ -598,11 +789,19 @@ class Job:
             for relay in unfinished:
                 relay.cancel()
             self._live.pop(rank.worker.pid, None)
+        await asyncio.wait([r.exit for r in ranks])  # done: the worker was waited for
+        # What torch's @record (or the watchdog) left, read off the loop.
+        failed = [(r, r.error_file) for r in ranks if r.failed_at or r.expired_scopes]
+        files = [(rank, path) for rank, path in failed if path is not None]
+        errors = await asyncio.gather(*(run_blocking(read_error_file, f) for _, f in files))
+        for (rank, _), error in zip(files, errors, strict=True):
+            rank.error = error
 
     def _settle(self, rank: _Rank, attempt: int) -> bool:
-        """Record how ``rank`` ended; whether it ended well (exit 0, no expiry)."""
+        """Record how ``rank`` ended; whether it ended well (exit 0, no expiry, not stopped)."""
         result = rank.result
         result.returncode = rank.worker.returncode
+        result.pid = rank.worker.pid
         result.expired = bool(rank.expired_scopes) or rank.worker.killed_by_watchdog
         if self._observe:  # expiries were recorded, not enforced: they fail nothing
             result.observed += [f"attempt {attempt} in {s}" for s in rank.expired_scopes]
@@ -611,7 +810,28 @@ class Job:
         if result.expired:
             scopes = ", ".join(dict.fromkeys(rank.expired_scopes)) or "?"
             result.watchdog_kills.append(f"attempt {attempt} in {scopes}")
-        return result.returncode == 0 and not result.expired
+        failed = rank.failed_at is not None or result.expired
+        result.stopped = rank.stopping if rank.stopping is not None and not failed else None
+        result.error = rank.error
+        result.incident, result.incident_path = rank.incident or (None, None)
+        return result.ok
+
+    def _first_failure(self, ranks: Iterable[_Rank]) -> _Rank | None:
+        """The rank that failed first among ``ranks`` (``None``: none failed)."""
+        failed = [r for r in ranks if r.failed_at is not None]
+        return min(failed, key=lambda r: r.failed_at or 0.0, default=None)
+
+    def _failure(self, rank: _Rank, *, how: bool = False) -> str:
+        """``rank 1 failed``, ``rank 1's watchdog fired``; with ``how``, how it ended.
+
+        ``how``: ``rank 1 failed, exit status 1``, ``rank 1's watchdog fired in 'step'``
+        (once the rank's worker has exited).
+        """
+        r = rank.result.rank
+        if rank.expired_scopes and not self._observe:
+            scopes = ", ".join(repr(s) for s in dict.fromkeys(rank.expired_scopes))
+            return f"rank {r}'s watchdog fired" + (f" in {scopes}" if how else "")
+        return f"rank {r} failed" + (f", {rank.result.status()}" if how else "")
 
     # -- the two restart policies ---------------------------------------------
 
@@ -619,34 +839,37 @@ class Job:
         for attempt in range(self.max_restarts + 1):
             port = _free_port()
             ranks = [await self._start_rank(server, r, attempt, port) for r in self.results]
-            pending = {asyncio.create_task(r.worker.wait()): r for r in ranks}
+            pending = {r.exit: r for r in ranks}
             stop = asyncio.create_task(self._stopped.wait())
             failed = False
             while pending and not failed and not stop.done():
                 done, _ = await asyncio.wait([*pending, stop], return_when=asyncio.FIRST_COMPLETED)
                 for task in done & pending.keys():
-                    rank = pending.pop(task)
-                    failed = failed or rank.worker.returncode != 0 or bool(rank.expired_scopes)
+                    failed = failed or pending.pop(task).failed_at is not None
             stop.cancel()
-            for task in pending:
-                task.cancel()
-            await self._end(ranks)
+            last = attempt == self.max_restarts
+            first = self._first_failure(ranks)
+            cause = "" if first is None else f" after {self._failure(first)}"
+            why = f"group {'stop' if last else 'restart'}{cause}"
+            await self._end(ranks, why)
             ok = all([self._settle(r, attempt) for r in ranks])
-            if ok or self._stop_signal or attempt == self.max_restarts:
+            if ok or self._stop_signal or last:
                 return
             self.restarts += self.nprocs
+            first = self._first_failure(ranks)
+            cause = "" if first is None else f": {self._failure(first, how=True)}"
             self.output.say(
-                f"restarting all {self.nprocs} ranks (restart {attempt + 1} of {self.max_restarts})"
+                f"restarting all {self.nprocs} ranks (restart {attempt + 1} of "
+                f"{self.max_restarts}){cause}"
             )
 
     async def _run_rank(self, server: TimerServer, result: RankResult) -> None:
         for attempt in range(self.max_restarts + 1):
             rank = await self._start_rank(server, result, attempt, _free_port())
-            wait = asyncio.create_task(rank.worker.wait())
             stop = asyncio.create_task(self._stopped.wait())
-            await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([rank.exit, stop], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-            await self._end([rank])
+            await self._end([rank], "the launcher stopped")  # only a stop leaves it running
             ok = self._settle(rank, attempt)
             if ok or not result.expired or self._stop_signal or attempt == self.max_restarts:
                 return
@@ -668,9 +891,35 @@ class Job:
         for result in self.results:
             if result.rank in running or result.returncode is None:
                 continue
-            ok = result.returncode == 0 and not result.expired
-            states["succeeded" if ok else "failed"] += 1
+            states["succeeded" if result.ok else "failed"] += 1
         return states
+
+    async def _prepare(self) -> None:
+        """Before the first rank: the error files' directory, OMP_NUM_THREADS (said once)."""
+        if self.error_dir is None:
+            try:
+                made = await run_blocking(tempfile.mkdtemp, prefix="aiotimer-run-")
+            except OSError as exc:
+                self.output.say(
+                    f"cannot make a temporary directory for torch's error files "
+                    f"({exc.strerror or exc}): ranks run without TORCHELASTIC_ERROR_FILE "
+                    "(--log-dir DIR puts them in DIR)"
+                )
+            else:
+                self.error_dir = Path(made)
+                self._private_error_dir = True
+        if "OMP_NUM_THREADS" not in os.environ and self.nprocs > 1:
+            self._omp_threads = "1"
+            self.output.say(
+                f"OMP_NUM_THREADS is not set: setting it to 1 for every rank, so that "
+                f"{self.nprocs} ranks do not overload this host; tune it for your job as needed"
+            )
+
+    async def _discard_error_dir(self) -> None:
+        """Remove the private error files' directory, unless the summary names a file in it."""
+        kept = any(r.error is not None for r in self.results)
+        if self._private_error_dir and self.error_dir is not None and not kept:
+            await run_blocking(shutil.rmtree, self.error_dir, True)
 
     async def run(self) -> int:
         """Run the job to its end; return its exit status."""
@@ -684,6 +933,7 @@ class Job:
         )
         status: int | None = None
         try:
+            await self._prepare()
             async with TimerServer(
                 reaper=self._reaper, log_event=log, realtime=self.realtime
             ) as server:
@@ -717,6 +967,7 @@ class Job:
                 await run_blocking(log.close)
             if self._logs is not None:
                 await run_blocking(self._logs.close)
+            await self._discard_error_dir()
         if status is None:
             status = self._summary()
         # The watchdog is closed: the summary may wait for a slow terminal.
@@ -735,12 +986,14 @@ class Job:
             await asyncio.wait_for(self._stopped.wait(), self.metrics_linger)
 
     def _summary(self) -> int:
-        """Print the summary; the job's exit status."""
+        """Print the summary, the root cause last; the job's exit status."""
         if self._stop_signal == signal.SIGPIPE:
             return EXIT_SIGPIPE
-        self.output.say("summary")
-        for result in self.results:
-            self.output.write(True, f"  {result.describe()}\n".encode())
+        self.output.say(f"summary of run {self.run_id}")
+        lines = [result.describe() for result in self.results]
+        if not all(r.ok for r in self.results):
+            lines += self._root_cause()
+        self.output.write(True, "".join(f"  {line}\n" for line in lines).encode())
         if self._stop_signal:
             return 128 + self._stop_signal
         if any(r.expired for r in self.results):
@@ -748,6 +1001,46 @@ class Job:
         if any(r.returncode != 0 for r in self.results):
             return EXIT_WORKER_FAILED
         return 0
+
+    def _root_cause(self) -> list[str]:
+        """The summary's "Root cause" block: the first failure of the ranks' last attempts."""
+        last = [self._last[r.rank] for r in self.results if r.rank in self._last]
+        first = self._first_failure(last)
+        if first is None:
+            # Failed without a time: an expiry while being stopped, or never started.
+            first = next((r for r in last if not r.result.ok and r.result.stopped is None), None)
+        if first is None:
+            if self._stop_signal:
+                return [f"Root cause: the launcher got {_signal_name(self._stop_signal)}"]
+            return ["Root cause: unknown"]
+        result = first.result
+        lines = [
+            f"Root cause: rank {result.rank} (pid {first.worker.pid}), attempt {first.attempt}, "
+            f"the first to fail: {result.status()}"
+        ]
+        details: list[str] = []
+        if result.expired and result.incident:
+            details.append(result.incident)  # who hung in which scope, in which frame
+            if result.incident_path:
+                details.append(f"incident: {result.incident_path}")
+        elif result.expired:
+            scopes = ", ".join(repr(s) for s in dict.fromkeys(first.expired_scopes))
+            details.append(f"its timer {scopes} expired")
+        if result.error is not None and not (result.expired and result.incident):
+            text = result.error.message.splitlines() or [""]
+            details += [line[:_ROOT_CAUSE_WIDTH] for line in text[:_ROOT_CAUSE_LINES]]
+            if len(text) > _ROOT_CAUSE_LINES:
+                details.append(f"... ({len(text) - _ROOT_CAUSE_LINES} more lines)")
+            if result.error.where:
+                details.append(f"at {result.error.where}")
+        if result.error is not None:
+            details.append(f"error file: {result.error.path}")
+        elif not result.expired:
+            details.append(
+                "no error file: decorate the worker's entry point with torch's @record "
+                "(torch.distributed.elastic.multiprocessing.errors) to have its error here"
+            )
+        return lines + [f"  {line}" for line in details]
 
 
 async def _linger(url: str, seconds: float, err: StreamSink) -> None:
@@ -788,6 +1081,17 @@ def kill_descendants(workers: set[int], tokens: set[str]) -> int:
     # Our adopted children: reap them, so no zombie is left.
     _reap([pid for pid in doomed if processes.get(pid) == me])
     return len(doomed)
+
+
+def _prepare_error_file(path: Path) -> None:
+    """Make ``path``'s directory and remove a stale file there.  Blocks: the I/O plane's.
+
+    A file left by an earlier job in the same ``--log-dir`` would be taken for
+    this attempt's error (and the watchdog never writes over a file).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _reap(pids: list[int], timeout: float = 1.0) -> None:

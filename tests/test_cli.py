@@ -54,6 +54,10 @@ def one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> N
         (["--bogus", "run", "--", "true"], "aiotimer: error: unrecognized arguments: --bogus"),
         (["serve", "--fifo", "/etc/hostname", "--", "true"], "exists and is not a FIFO"),
         (["serve", "--fifo", "/no/such/dir/f", "--", "true"], "no such directory"),
+        (["run", "--nnodes", "x", "--", "true"], "--nnodes must be N or MIN:MAX with 0 < MIN"),
+        (["run", "--nnodes=0:1", "--", "true"], "0 < MIN <= MAX, got '0:1'"),
+        (["run", "--nnodes=1:2:3", "--", "true"], "0 < MIN <= MAX, got '1:2:3'"),
+        (["run", "--run-id=", "--", "true"], "--run-id must be a non-empty printable string"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
@@ -166,8 +170,34 @@ def test_version_and_help() -> None:
         "124",
         "128+n",
         "--no-realtime",
+        "--run-id",
+        "--standalone",
+        "--nnodes",
+        "error.json",
     ):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize("nnodes", ["2", "1:2", "4:4"])
+def test_more_than_one_node_is_refused_pointing_to_serve_and_torchrun(nnodes: str) -> None:
+    """Issue 20, item 6: `run` is single-host; torchrun under `serve` spans nodes."""
+    one_line_exit_2(
+        aiotimer_cli("run", "--standalone", f"--nnodes={nnodes}", "--", "true"),
+        f"aiotimer run: error: argument --nnodes: aiotimer run starts every rank on this host, "
+        f"got --nnodes {nnodes}; for a multi-node job, watch torchrun's ranks on each node: "
+        f"aiotimer serve -- torchrun --nnodes {nnodes} ...",
+    )
+
+
+def test_torchruns_single_node_flags_are_accepted() -> None:
+    """`--standalone`, `--nnodes=1`, `--nnodes 1:1` and `--run_id`, as a torchrun line has them."""
+    code = "import os; print(os.environ['TORCHELASTIC_RUN_ID'])"
+    result = aiotimer_cli(
+        "run", "--standalone", "--nnodes=1", "--nnodes", "1:1", "--run_id", "r1", "-n", "2",
+        "--", sys.executable, "-c", code,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("r1\n") == 2, result.stdout
 
 
 @pytest.mark.parametrize("spelling", ["--nproc_per_node", "--nproc-per-node", "-n"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,21 @@ def launcher(
     code: str | None = None,
     text: bool = True,
     wrapper: Sequence[str] = (),
+    environ: Mapping[str, str | None] | None = None,
     **kwargs: object,
 ) -> subprocess.Popen[str]:
+    """``aiotimer run ARGS`` (``-- python -c CODE``); ``environ``: changes (None: unset)."""
     argv = [*wrapper, sys.executable, "-m", "aiotimer", "run", *args]
     if code is not None:
         argv += ["--", sys.executable, "-c", textwrap.dedent(code)]
     env = dict(os.environ, AIOTIMER_LOOP=loop, MARKER=marker, PYTHONPATH=str(ROOT))
+    # The job's private directories (a failed rank's error file is kept) go with the test's.
+    env["TMPDIR"] = str(workdir(marker))
+    for name, value in (environ or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
         argv,
         env=env,
@@ -161,7 +171,7 @@ def test_an_escalation_is_printed_once(loop: str, marker: str) -> None:
     code, _, err = finish(proc)
     assert code == 124, err
     assert err.count("sent SIGTERM to rank 0 (pid") == 1, err
-    assert err.count("SIGKILL") == 2, err  # the escalation's line, and the summary's
+    assert err.split("aiotimer: summary")[0].count("SIGKILL") == 1, err  # the escalation's
     escalation = r"rank 0 \(pid \d+\) still running \d\.\d\ds after the deadline: sent SIGKILL"
     assert re.search(escalation, err), err
     assert "still alive" not in err, err
@@ -264,6 +274,48 @@ def test_without_the_privilege_realtime_is_said_once_and_the_job_runs(
 def test_a_rank_that_fails_on_its_own_exits_1(loop: str, marker: str) -> None:
     code, _, err = finish(launcher(loop, marker, code="raise SystemExit(3)"))
     assert code == 1 and "rank 0: FAILED, exit status 3" in err
+    # The root cause, without an error file: how to have one (issue 20, item 6).
+    cause = err[err.index("Root cause:") :].splitlines()
+    assert re.fullmatch(
+        r"Root cause: rank 0 \(pid \d+\), attempt 0, the first to fail: exit status 3", cause[0]
+    ), err
+    assert cause[1].startswith(
+        "    no error file: decorate the worker's entry point with torch's @record"
+    ), err
+    assert len(cause) == 2, err
+
+
+def test_a_rank_stopped_because_another_failed_is_stopped_not_failed(
+    loop: str, marker: str
+) -> None:
+    """Issue 20, item 6: ranks the group stop took down were listed as FAILED."""
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "3",
+        code="""
+            import os, signal, sys, time
+            rank = os.environ["RANK"]
+            if rank == "1":
+                while not (os.path.exists("ready0") and os.path.exists("ready2")):
+                    time.sleep(0.01)
+                sys.exit(3)
+            if rank == "0":  # exits 4 on SIGTERM: still stopped, not failed
+                signal.signal(signal.SIGTERM, lambda *a: sys.exit(4))
+            open(f"ready{rank}", "w").close()
+            time.sleep(60)
+        """,
+    )
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert "rank 0: stopped (group stop after rank 1 failed), exit status 4\n" in err, err
+    assert "rank 1: FAILED, exit status 3\n" in err, err
+    assert "rank 2: stopped (group stop after rank 1 failed), killed by SIGTERM\n" in err, err
+    assert err.count("FAILED") == 1, err
+    assert re.search(
+        r"Root cause: rank 1 \(pid \d+\), attempt 0, the first to fail: exit status 3", err
+    )
 
 
 def test_group_restart_gives_every_rank_torchruns_environment(loop: str, marker: str) -> None:
@@ -344,7 +396,11 @@ def test_a_stop_signal_stops_every_rank_and_descendant(
     code, _, err = finish(proc)
     assert code == 128 + sig, err
     assert f"got {sig.name}" in err and "summary" in err
-    assert "Traceback" not in err
+    # Stopped by the launcher, not failed (issue 20, item 6); rank 1 needed the SIGKILL.
+    assert f"rank 0: stopped (the launcher got {sig.name}), killed by SIGTERM" in err, err
+    assert f"rank 1: stopped (the launcher got {sig.name}), killed by SIGKILL" in err, err
+    assert err.rstrip().endswith(f"Root cause: the launcher got {sig.name}"), err
+    assert "FAILED" not in err and "Traceback" not in err
     assert processes_with(marker) == []
 
 
@@ -538,3 +594,202 @@ def test_a_gloo_job_whose_rank_hangs_once_is_restarted_as_a_group_and_finishes(
     assert status == 0, out + err
     assert "rank 0 attempt 1 sum 2" in out and "rank 1 attempt 1 sum 2" in out
     assert "timer 'all_reduce' expired" in err and "restarting all 2 ranks" in err
+
+
+# -- torchrun parity (issue 20, item 6) -----------------------------------------------------
+
+SHOW_ENV = """
+    import json, os, stat
+    e = os.environ
+    path = e.get("TORCHELASTIC_ERROR_FILE")
+    top = os.path.dirname(os.path.dirname(os.path.dirname(path))) if path else None
+    print(json.dumps({
+        "rank": e["RANK"], "run_id": e.get("TORCHELASTIC_RUN_ID"),
+        "omp": e.get("OMP_NUM_THREADS"), "error_file": path,
+        "dir_exists": bool(path) and os.path.isdir(os.path.dirname(path)),
+        "file_exists": bool(path) and os.path.exists(path),
+        "top": top, "top_mode": oct(stat.S_IMODE(os.stat(top).st_mode)) if top else None,
+    }), flush=True)
+"""
+
+
+def shown(out: str) -> dict[str, dict[str, object]]:
+    """What each rank of SHOW_ENV printed, by rank."""
+    found = [json.loads(line.split(": ", 1)[1]) for line in out.splitlines()]
+    return {str(info["rank"]): info for info in found}
+
+
+def test_every_rank_gets_a_run_id_its_own_error_file_and_one_omp_thread(
+    loop: str, marker: str
+) -> None:
+    proc = launcher(
+        loop, marker, "-n", "2", "--run-id", "job-7", code=SHOW_ENV,
+        environ={"OMP_NUM_THREADS": None, "TORCHELASTIC_ERROR_FILE": "/outer/error.json"},
+    )  # fmt: skip
+    code, out, err = finish(proc)
+    assert code == 0, err
+    ranks = shown(out)
+    assert {r["run_id"] for r in ranks.values()} == {"job-7"}
+    assert {r["omp"] for r in ranks.values()} == {"1"}
+    # One file per rank and attempt, in a private directory of the job's, made beforehand
+    # and empty (torch's @record writes it; so does the watchdog), never an outer one.
+    for rank, info in ranks.items():
+        assert str(info["error_file"]).endswith(f"/attempt_0/{rank}/error.json"), info
+        assert info["dir_exists"] and not info["file_exists"], info
+    top = ranks["0"]["top"]
+    assert top == ranks["1"]["top"] and ranks["0"]["top_mode"] == "0o700", ranks
+    assert not os.path.exists(str(top))  # nothing failed: nothing kept
+    # torchrun's notice, once.
+    notice = "OMP_NUM_THREADS is not set: setting it to 1 for every rank, so that 2 ranks"
+    assert err.count(notice) == 1, err
+    assert "summary of run job-7" in err and "Root cause" not in err
+
+
+@pytest.mark.parametrize(("ranks", "omp"), [("2", "4"), ("1", None)])
+def test_omp_num_threads_is_left_alone_when_set_or_for_one_rank(
+    loop: str, marker: str, ranks: str, omp: str | None
+) -> None:
+    proc = launcher(loop, marker, "-n", ranks, code=SHOW_ENV, environ={"OMP_NUM_THREADS": omp})
+    code, out, err = finish(proc)
+    assert code == 0, err
+    shown_ranks = shown(out)
+    assert {r["omp"] for r in shown_ranks.values()} == {omp}
+    assert "OMP_NUM_THREADS" not in err
+    # No --run-id: a new uuid, the same for every rank, as torchrun --standalone makes.
+    (run_id,) = {str(r["run_id"]) for r in shown_ranks.values()}
+    assert str(uuid.UUID(run_id)) == run_id and f"summary of run {run_id}" in err
+
+
+RECORD_RAISES = """
+    import os, sys, time
+    if os.environ["RANK"] == "1":
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        @record
+        def main() -> None:
+            raise ValueError(f"bad batch 17 (attempt {os.environ['TORCHELASTIC_RESTART_COUNT']})")
+
+        main()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_a_record_decorated_rank_that_raises_is_the_root_cause(
+    loop: str, marker: str, tmp_path: Path
+) -> None:
+    stale = tmp_path / "attempt_0" / "0" / "error.json"  # an earlier job's, in the same --log-dir
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"message": {"message": "OldError: not this job"}}')
+    proc = launcher(
+        loop, marker, "-n", "2", "--max-restarts", "1", "--log-dir", str(tmp_path),
+        code=RECORD_RAISES,
+    )  # fmt: skip
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert "restarting all 2 ranks (restart 1 of 1): rank 1 failed, exit status 1" in err, err
+    summary = err[err.index("aiotimer: summary of run") :].splitlines()
+    error_file = tmp_path / "attempt_1" / "1" / "error.json"
+    assert summary[1:3] == [
+        "  rank 0: stopped (group stop after rank 1 failed), killed by SIGTERM after 1 restart",
+        "  rank 1: FAILED, exit status 1 after 1 restart",
+    ], err
+    assert re.fullmatch(
+        r"  Root cause: rank 1 \(pid \d+\), attempt 1, the first to fail: exit status 1",
+        summary[3],
+    ), err
+    assert summary[4:] == [
+        "    ValueError: bad batch 17 (attempt 1)",
+        "    at <string>:8 in main",
+        f"    error file: {error_file}",
+    ], err
+    assert json.loads(error_file.read_text())["message"]["message"].startswith("ValueError")
+    assert not stale.exists()  # removed before the attempt: never taken for this job's
+
+
+def test_a_hung_rank_is_the_root_cause_with_its_scope_and_frame(loop: str, marker: str) -> None:
+    """The watchdog writes torch's error file into the rank's own file, the launcher reads it."""
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        code="""
+            import os, time, aiotimer
+
+            def stuck_here():
+                time.sleep(60)
+
+            if os.environ["RANK"] == "1":
+                with aiotimer.expires(after=0.5, scope="step"):
+                    stuck_here()
+            time.sleep(60)
+        """,
+    )
+    code, _, err = finish(proc)
+    assert code == 124, err
+    summary = err[err.index("aiotimer: summary of run") :].splitlines()
+    assert summary[1] == (
+        "  rank 0: stopped (group stop after rank 1's watchdog fired), killed by SIGTERM"
+    ), err
+    assert summary[2].startswith("  rank 1: FAILED, its watchdog fired, then killed by SIGKILL")
+    pid = re.fullmatch(
+        r"  Root cause: rank 1 \(pid (\d+)\), attempt 0, the first to fail: its watchdog fired, "
+        r"then killed by SIGKILL",
+        summary[3],
+    )
+    assert pid, err
+    assert summary[4] == f"    rank 1 (pid {pid[1]}) hung in 'step' in stuck_here (<string>:5)"
+    assert summary[5].startswith(f"    incident: {workdir(marker)}/aiotimer-incidents/incident-")
+    assert summary[6].startswith("    error file: ") and len(summary) == 7, err
+    error_file = Path(summary[6].split(": ", 1)[1])
+    assert error_file.parts[-3:] == ("attempt_0", "1", "error.json"), error_file
+    try:
+        # Kept: the summary names it.  The watchdog's own, torch's format.
+        message = json.loads(error_file.read_text())["message"]["message"]
+        assert message.startswith("TimeoutError: aiotimer: watchdog timeout: rank 1"), message
+        assert "'step' in stuck_here" in message
+    finally:
+        shutil.rmtree(error_file.parents[2], ignore_errors=True)
+
+
+def test_job_names_a_bad_run_id() -> None:
+    from aiotimer.launcher import Job
+
+    for bad in ("", "two\nlines", 7):
+        with pytest.raises(ValueError, match=r"`run_id` must be a non-empty printable string"):
+            Job(["true"], run_id=bad)  # type: ignore[arg-type]
+
+
+def test_read_error_file_is_bounded_and_never_follows_or_blocks(tmp_path: Path) -> None:
+    from aiotimer.launcher import TorchError, read_error_file
+
+    good = tmp_path / "error.json"
+    stack = 'Traceback (most recent call last):\n  File "/w/train.py", line 9, in step\n    x\n'
+    good.write_text(
+        json.dumps({"message": {"message": "KeyError: 'x'", "extraInfo": {"py_callstack": stack}}})
+    )
+    assert read_error_file(good) == TorchError("KeyError: 'x'", "/w/train.py:9 in step", str(good))
+    new = tmp_path / "new.json"  # torch's newer format: the message is a string
+    new.write_text(json.dumps({"message": "RuntimeError: boom"}))
+    assert read_error_file(new) == TorchError("RuntimeError: boom", None, str(new))
+    assert read_error_file(tmp_path / "missing.json") is None
+    (tmp_path / "empty.json").write_text("")
+    assert read_error_file(tmp_path / "empty.json") is None
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"message": "x" * 5000}))
+    too_big = read_error_file(big, limit=1000)
+    assert too_big is not None and too_big.message == "(larger than 1000 bytes: not read)"
+    link = tmp_path / "link.json"
+    link.symlink_to(good)
+    followed = read_error_file(link)
+    assert followed is not None and followed.message.startswith("(cannot read it:"), followed
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # nobody writes: a blocking open would wait for ever
+    assert read_error_file(fifo) == TorchError("(not a regular file)", None, str(fifo))
+    (tmp_path / "junk.json").write_text("{not json")
+    junk = read_error_file(tmp_path / "junk.json")
+    assert junk is not None and junk.message.startswith("(not torch's error file format")
+    with pytest.raises(ValueError, match="`limit` must be a positive number of bytes, got 0"):
+        read_error_file(good, limit=0)
