@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write each rank's output to DIR/attempt_K/RANK/{stdout,stderr}.log; its "
         "TORCHELASTIC_ERROR_FILE is DIR/attempt_K/RANK/error.json (default: in a private "
-        "temporary directory, kept only if the summary names a file in it)",
+        "temporary directory, kept only if an error file was written in it)",
     )
     run.add_argument(
         "--run-id",

@@ -518,7 +518,7 @@ class Job:
     ``torchrun --standalone`` makes).  Each rank and attempt gets a
     ``TORCHELASTIC_ERROR_FILE``: ``log_dir/attempt_K/RANK/error.json``, or the
     same in a private directory (``mkdtemp``) that is removed at the end unless
-    the summary names a file in it.
+    an error file was written in it.
     """
 
     def __init__(
@@ -916,10 +916,13 @@ class Job:
             )
 
     async def _discard_error_dir(self) -> None:
-        """Remove the private error files' directory, unless the summary names a file in it."""
-        kept = any(r.error is not None for r in self.results)
-        if self._private_error_dir and self.error_dir is not None and not kept:
-            await run_blocking(shutil.rmtree, self.error_dir, True)
+        """Remove the private error files' directory, unless a rank or the watchdog wrote one.
+
+        An incident names the error file the watchdog wrote, and the summary
+        the root cause's: they stay where they were said to be.
+        """
+        if self._private_error_dir and self.error_dir is not None:
+            await run_blocking(_remove_unless_error_files, self.error_dir)
 
     async def run(self) -> int:
         """Run the job to its end; return its exit status."""
@@ -1092,6 +1095,17 @@ def _prepare_error_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _remove_unless_error_files(directory: Path) -> bool:
+    """Remove ``directory`` unless an ``error.json`` is in it; whether it was removed.
+
+    Blocks: the I/O plane's.
+    """
+    if any(directory.glob("attempt_*/*/error.json")):
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
 
 
 def _reap(pids: list[int], timeout: float = 1.0) -> None:

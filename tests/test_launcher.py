@@ -132,6 +132,10 @@ def test_the_readmes_demo_does_what_the_readme_says(loop: str, marker: str) -> N
     assert "rank 1 (pid" in incident and "hung in 'step'" in incident
     text = Path(incident.split("incident: ")[1]).read_text()
     assert text.count("wait_for_the_other_ranks") == 3  # every other rank's stacks too
+    # The watchdog wrote torch's error file into rank 1's own (issue 20, item 6), and it is
+    # still where the incident says, though the job ended well.
+    wrote = re.search(r"- wrote (\S+/attempt_0/1/error\.json)\n", text)
+    assert wrote and "watchdog timeout" in Path(wrote[1]).read_text(), text
     assert "restarting all 4 ranks (restart 1 of 1)" in err
     assert out.count("finished") == 4 and "[rank0]: step 0 done (attempt 1)" in out
     assert "rank 1: ok after 1 restart; watchdog kills: attempt 0 in step" in err
