@@ -87,11 +87,6 @@ def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
         proc.wait()
 
 
-def python_worker(code: str) -> list[str]:
-    """argv that runs ``code`` in a fresh interpreter with this checkout importable."""
-    return [sys.executable, "-c", code]
-
-
 @pytest.fixture(autouse=True)
 def _no_inherited_aiotimer_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests may themselves run under `aiotimer run`; a stray AIOTIMER_FD must not leak in.

@@ -16,33 +16,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import WAIT, py, until
 
 from aiotimer import Expiry, SignalReaper, TimerServer, Worker
 from aiotimer.transports import bridge_queue, listen_fifo
 
 pytestmark = pytest.mark.slow
 
-WAIT = 60.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def py(code: str) -> list[str]:
-    return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def line(worker: Worker) -> str:

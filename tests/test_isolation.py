@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import WAIT, py
 from test_launcher import launcher, loop, marker, workdir
 
 from aiotimer import TimerExpired, TimerServer, Worker
@@ -34,13 +35,8 @@ __all__ = ["loop", "marker"]  # fixtures shared with test_launcher
 
 pytestmark = pytest.mark.slow
 
-WAIT = 60.0
 #: How late after its deadline an innocent worker's expiry may be handled.
 PROMPT = 0.005
-
-
-def py(code: str) -> list[str]:
-    return [sys.executable, "-c", textwrap.dedent(code)]
 
 
 async def ready(worker: Worker) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from helpers import WAIT, until
 
 from aiotimer._processes import (
     ProcessRegistry,
@@ -19,7 +20,6 @@ from aiotimer._processes import (
 )
 
 ME = os.getpid()
-WAIT = 60.0
 
 
 @dataclass
@@ -40,14 +40,6 @@ def registry() -> tuple[ProcessRegistry, list[WatchedProcess]]:
     reg = ProcessRegistry(exited.append)
     reg.bind(asyncio.get_running_loop())
     return reg, exited
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def test_descendants_of_the_server_are_entitled_and_others_not(

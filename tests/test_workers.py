@@ -6,9 +6,9 @@ import asyncio
 import os
 import signal
 import sys
-import textwrap
 
 import pytest
+from helpers import WAIT, py, until
 
 from aiotimer import SignalReaper, TimerServer
 from aiotimer.testing import RecordingReaper
@@ -16,19 +16,6 @@ from aiotimer.testing import RecordingReaper
 pytestmark = pytest.mark.slow
 
 # Generous: two shared, noisy cores, and each worker pays a Python start-up.
-WAIT = 60.0
-
-
-def py(code: str) -> list[str]:
-    return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-async def wait_for(predicate, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 HANG = """
@@ -62,7 +49,7 @@ async def test_worker_that_finishes_is_not_killed_and_its_exit_clears_timers() -
     async with TimerServer() as server:
         worker = await server.spawn(*py(code))
         assert await asyncio.wait_for(worker.wait(), WAIT) == 0
-        await wait_for(lambda: server.statistics().active_timers == 0)
+        await until(lambda: server.statistics().active_timers == 0)
         await asyncio.sleep(0.7)
         stats = server.statistics()
     assert stats.requests == 200 * 2 + 2  # acquires, releases, the hello and the last acquire
@@ -187,7 +174,7 @@ async def test_a_worker_specific_reaper_overrides_the_servers() -> None:
     reaper = RecordingReaper()
     async with TimerServer() as server:
         worker = await server.spawn(*py(HANG), reaper=reaper)
-        await wait_for(lambda: bool(reaper.expiries))
+        await until(lambda: bool(reaper.expiries))
         assert reaper.scopes == [["hang"]] and worker.returncode is None
     # aclose() kills and reaps what is still running.
     assert worker.returncode == -signal.SIGKILL

@@ -11,11 +11,11 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from aiotimer import TimerServer
 from aiotimer._protocol import encode_json_request
@@ -30,13 +30,6 @@ def write(path: Path, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_lines_are_reassembled_bad_ones_rejected_and_the_rest_kept(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from aiotimer import TimerServer
 from aiotimer._protocol import encode_hello, encode_release
@@ -61,13 +62,6 @@ RETRY = textwrap.dedent("""
         time.sleep(0.6)
     sys.exit(3)
 """)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def client_env(path: Path) -> dict[str, str]:
