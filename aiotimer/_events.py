@@ -343,12 +343,6 @@ class Counters:
         self.decision_hist = Histogram()
         self.lag_hist = Histogram()
 
-    def record_lag(self, lag: float) -> None:
-        """Record how late the scheduler handled one expired timer."""
-        self.lag_count += 1
-        self.lag_sum += lag
-        self.lag_max = max(self.lag_max, lag)
-
     def record_lags(self, now: float, deadlines: Sequence[float]) -> None:
         """Count timers expired at ``deadlines`` (earliest first), handled at ``now``."""
         if not deadlines:

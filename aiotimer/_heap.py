@@ -339,11 +339,6 @@ class DeadlineHeap:
             state.entry = (top[0], owner)
             _heappush(self._heap, state.entry)
 
-    def remove_owner(self, owner: int) -> list[Timer]:
-        """Release every timer of ``owner`` and return them (O(its timers); see ``drop_owner``)."""
-        state = self.drop_owner(owner)
-        return [] if state is None else state.timers()
-
     def group_bytes(self, group: int) -> int:
         """Bytes the timers of ``group``'s owners hold (see ``try_set``)."""
         held = self._groups.get(group)
@@ -353,15 +348,6 @@ class DeadlineHeap:
         """``owner``'s live timers and the characters of their scopes."""
         state = self._owners.get(owner)
         return (0, 0) if state is None else (state.count, state.chars)
-
-    def timers_of(self, owner: int) -> list[Timer]:
-        """The live timers of ``owner``, in no particular order."""
-        state = self._owners.get(owner)
-        return [] if state is None else state.timers()
-
-    def owners(self) -> list[int]:
-        """Every owner with at least one live timer."""
-        return list(self._owners)
 
     def _top(self, state: OwnerTimers) -> Timer | None:
         """``state``'s earliest live timer; the stale entries dropped above it leave the count."""
@@ -442,21 +428,6 @@ class DeadlineHeap:
         state.entry = (top[0], state.owner)
         _heapreplace(self._heap, state.entry)
         return timer
-
-    def pop_expired(self, now: float) -> list[tuple[int, list[Timer]]]:
-        """Remove and return every timer with ``deadline <= now``.
-
-        Grouped by owner; groups are ordered by their earliest deadline, and the
-        timers within a group earliest first.
-        """
-        groups: dict[int, list[Timer]] = {}
-        while (timer := self.pop_due(now)) is not None:
-            group = groups.get(timer[1])
-            if group is None:
-                groups[timer[1]] = [timer]
-            else:
-                group.append(timer)
-        return list(groups.items())
 
     def _prune_global(self) -> None:
         self._heap = [s.entry for s in self._owners.values() if s.entry is not None]

@@ -78,12 +78,6 @@ class MockClock:
             handle.cancelled = True
             handle.callback()
 
-    def next_alarm(self) -> float | None:
-        """When the earliest pending alarm is due, or ``None``."""
-        while self._alarms and self._alarms[0][2].cancelled:
-            heapq.heappop(self._alarms)
-        return self._alarms[0][0] if self._alarms else None
-
     def jump(self, seconds: float) -> None:
         """Move time forward by ``seconds`` and run the alarms that became due."""
         if seconds < 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from helpers import timers_of
 
 from aiotimer import DeadlineHeap
 from aiotimer._dispatch import Dispatcher
@@ -109,7 +110,7 @@ async def test_acquire_arms_and_release_disarms(rig: Rig) -> None:
     rig.dispatcher.dispatch(ch, [acquire(10, "s", 105.0), acquire(10, "t", 107.0)])
     rig.dispatcher.dispatch(ch, [release(10, "s"), release(10, "never armed")])
     owner = rig.registry.by_pid[10].id
-    assert [t.scope for t in rig.heap.timers_of(owner)] == ["t"]
+    assert [t.scope for t in timers_of(rig.heap, owner)] == ["t"]
     assert rig.counters.requests == 4 and rig.counters.rejected == 0
 
 
@@ -143,14 +144,14 @@ async def test_wall_clock_deadlines_are_converted_once_on_receipt(rig: Rig) -> N
     ch = FakeChannel("a")
     wall = rig.clock.wall()
     rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_WALL, 10, "s", wall + 3.0)])
-    (timer,) = rig.heap.timers_of(rig.registry.by_pid[10].id)
+    (timer,) = timers_of(rig.heap, rig.registry.by_pid[10].id)
     assert timer.deadline == pytest.approx(rig.clock.now() + 3.0)
 
 
 async def test_the_signal_asked_for_is_kept_with_the_timer(rig: Rig) -> None:
     ch = FakeChannel("a")
     rig.dispatcher.dispatch(ch, [acquire(10, "kill", 105.0, 15), acquire(10, "log", 105.0, -1)])
-    timers = {t.scope: t.signal for t in rig.heap.timers_of(rig.registry.by_pid[10].id)}
+    timers = {t.scope: t.signal for t in timers_of(rig.heap, rig.registry.by_pid[10].id)}
     assert timers == {"kill": 15, "log": SIGNAL_LOG_ONLY}
 
 
@@ -182,7 +183,7 @@ async def test_revalidating_channels_recheck_a_known_pid_on_every_request(rig: R
     rig.dispatcher.dispatch(ch, [acquire(10, "t", 106.0)])
     new = rig.registry.by_pid[10]
     assert new is not old
-    assert [t.scope for t in rig.heap.timers_of(new.id)] == ["t"]
+    assert [t.scope for t in timers_of(rig.heap, new.id)] == ["t"]
 
 
 async def test_stamped_deadlines_learn_the_clock_offset_and_are_never_early(rig: Rig) -> None:
@@ -194,7 +195,7 @@ async def test_stamped_deadlines_learn_the_clock_offset_and_are_never_early(rig:
     # Another sent at client 60.5 and read at once: a better sample, 40.0.
     rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_STAMPED, 10, "b", 62.0, 0, 60.5)])
     owner = rig.registry.by_pid[10].id
-    deadlines = {t.scope: t.deadline for t in rig.heap.timers_of(owner)}
+    deadlines = {t.scope: t.deadline for t in timers_of(rig.heap, owner)}
     assert deadlines["a"] == pytest.approx(61.0 + 40.5)  # late by the transit, never early
     assert deadlines["b"] == pytest.approx(62.0 + 40.0)
     assert rig.registry.by_pid[10].clock_offset == pytest.approx(40.0)
@@ -207,5 +208,5 @@ async def test_a_kernel_read_offset_is_used_as_it_is(rig: Rig) -> None:
     process = rig.registry.by_pid[11]
     process.clock_offset, process.clock_exact = 100.0, True  # a time namespace at -100 s
     rig.dispatcher.dispatch(ch, [Request(Op.ACQUIRE_STAMPED, 11, "s", 5.0, 0, 2.0)])
-    (timer,) = rig.heap.timers_of(process.id)
+    (timer,) = timers_of(rig.heap, process.id)
     assert timer.deadline == 105.0

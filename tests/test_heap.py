@@ -4,13 +4,15 @@ import math
 import random
 import tracemalloc
 
+from helpers import owners, pop_expired
+
 from aiotimer import DeadlineHeap, Timer
 
 
 def test_empty_heap_has_no_deadline() -> None:
     heap = DeadlineHeap()
     assert heap.next_deadline() == math.inf
-    assert heap.pop_expired(1e9) == []
+    assert pop_expired(heap, 1e9) == []
     assert len(heap) == 0
 
 
@@ -36,7 +38,7 @@ def test_pop_expired_returns_due_timers_grouped_by_owner_earliest_first() -> Non
     heap.set(1, "late", 9.0)
     heap.set(3, "x", 6.0)
     assert heap.next_deadline() == 3.0
-    groups = heap.pop_expired(5.0)
+    groups = pop_expired(heap, 5.0)
     assert [owner for owner, _ in groups] == [1, 2]
     assert [t.scope for t in groups[0][1]] == ["a"]
     assert [t.scope for t in groups[1][1]] == ["c", "b"]
@@ -48,8 +50,8 @@ def test_pop_expired_returns_due_timers_grouped_by_owner_earliest_first() -> Non
 def test_deadline_equal_to_now_is_expired_and_later_is_not() -> None:
     heap = DeadlineHeap()
     heap.set(1, "a", 10.0)
-    assert heap.pop_expired(math.nextafter(10.0, 0)) == []
-    assert [t.scope for _, ts in heap.pop_expired(10.0) for t in ts] == ["a"]
+    assert pop_expired(heap, math.nextafter(10.0, 0)) == []
+    assert [t.scope for _, ts in pop_expired(heap, 10.0) for t in ts] == ["a"]
 
 
 def test_set_same_scope_replaces_the_deadline() -> None:
@@ -59,8 +61,8 @@ def test_set_same_scope_replaces_the_deadline() -> None:
     assert len(heap) == 1
     assert heap.garbage == 1
     assert heap.next_deadline() == 7.0
-    assert heap.pop_expired(5.0) == []
-    ((owner, (timer,)),) = heap.pop_expired(7.0)
+    assert pop_expired(heap, 5.0) == []
+    ((owner, (timer,)),) = pop_expired(heap, 7.0)
     assert (owner, timer.scope, timer.deadline) == (1, "a", 7.0)
 
 
@@ -75,14 +77,15 @@ def test_release_removes_only_that_scope() -> None:
     assert heap.get(1, "b") is not None and heap.get(1, "a") is None
 
 
-def test_remove_owner_clears_all_its_timers() -> None:
+def test_drop_owner_clears_all_its_timers() -> None:
     heap = DeadlineHeap()
     for i in range(5):
         heap.set(1, f"s{i}", float(i))
     heap.set(2, "keep", 3.0)
-    removed = heap.remove_owner(1)
-    assert sorted(t.scope for t in removed) == [f"s{i}" for i in range(5)]
-    assert heap.owners() == [2]
+    removed = heap.drop_owner(1)
+    assert removed is not None and removed.count == 5
+    assert sorted(t.scope for t in removed.timers()) == [f"s{i}" for i in range(5)]
+    assert owners(heap) == [2]
     assert heap.next_deadline() == 3.0
 
 
@@ -116,7 +119,7 @@ def test_matches_a_reference_model_under_random_operations() -> None:
             model.pop(key, None)
         else:
             now += rng.uniform(0, 3)
-            got = {(o, t.scope): t.deadline for o, ts in heap.pop_expired(now) for t in ts}
+            got = {(o, t.scope): t.deadline for o, ts in pop_expired(heap, now) for t in ts}
             want = {k: d for k, d in model.items() if d <= now}
             assert got == want
             for k in want:
@@ -153,7 +156,7 @@ def test_a_group_budget_caps_the_bytes_of_all_its_owners_and_is_freed_exactly() 
         for i in range(5)
     ]
     assert sum(t is not None for t in armed) == 10  # 5 + 5, the third owner refused
-    assert heap.group_bytes(7) == cap and heap.owners() == [1, 2]
+    assert heap.group_bytes(7) == cap and owners(heap) == [1, 2]
     assert heap.try_set(9, "other tree", 1.0, group=8, max_group_bytes=cap) is not None
     heap.remove(1, "s0")
     heap.pop_due(2.0)  # owner 1's "s1" (2.0) or owner 2's "s0" (1.0): either way one timer
@@ -180,7 +183,7 @@ def test_group_bytes_match_a_reference_model_under_random_operations() -> None:
             heap.remove(*key)
             model.pop(key, None)
         elif r < 0.9:
-            for o, ts in heap.pop_expired(rng.uniform(0, 50)):
+            for o, ts in pop_expired(heap, rng.uniform(0, 50)):
                 for t in ts:
                     model.pop((o, t.scope), None)
         else:

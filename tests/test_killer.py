@@ -60,7 +60,7 @@ async def rig_factory() -> AsyncIterator[Callable[[Reaper], Rig]]:
         bus.subscribe(seen.append)
 
         def forget(process: WatchedProcess) -> None:
-            heap.remove_owner(process.id)
+            heap.drop_owner(process.id)
 
         registry = ProcessRegistry(forget)
         registry.bind(asyncio.get_running_loop())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from helpers import pop_expired
 
 from aiotimer import DeadlineHeap
 from aiotimer._events import Counters
@@ -22,7 +23,7 @@ class Recorder:
         self.approach: list[bool] = []
 
     def on_due(self, now: float) -> None:
-        self.due.append((now, [owner for owner, _ in self.heap.pop_expired(now)]))
+        self.due.append((now, [owner for owner, _ in pop_expired(self.heap, now)]))
 
     def on_warm_up(self, deadline: float) -> None:
         self.warm.append(deadline)
@@ -155,7 +156,7 @@ async def test_an_error_while_acting_is_logged_and_the_alarm_kept(
 
     def failing_once(now: float) -> None:
         if failures:
-            heap.pop_expired(now)
+            pop_expired(heap, now)
             raise failures.pop()
         on_due(now)
 

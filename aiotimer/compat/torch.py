@@ -533,7 +533,7 @@ class FileTimerServer(_ThreadedServer):
     ) -> None:
         check_fifo_path(file_path)
         self._file_path = file_path
-        self._run_id = run_id
+        del run_id  # torch's signature; torch only logs it, aiotimer names processes
         self._max_interval = max_interval
         self._roots = tuple(roots)
         self._torch_log_event = log_event
