@@ -79,7 +79,9 @@ async def aiotimer_scale(k: int, idle_seconds: float) -> dict[str, float]:
         for i in range(20):
             heap.set(10**9 + i, "due", -1.0)
             t = time.perf_counter()
-            expired = heap.pop_expired(0.0)
+            expired = []
+            while (timer := heap.pop_due(0.0)) is not None:  # what the killer's burst does
+                expired.append(timer)
             passes.append(time.perf_counter() - t)
             assert len(expired) == 1
         cpu0, w0 = _cpu(), server.statistics().wakeups
