@@ -1,8 +1,10 @@
 """Clocks the server schedules against: the system's monotonic clock, or a test's.
 
 Deadlines live on one monotonic time line (``Clock.now``).  On Linux
-``time.monotonic`` is CLOCK_MONOTONIC, which every process on the host shares,
-so a worker's monotonic deadline needs no conversion; a wall-clock deadline
+``time.monotonic`` is CLOCK_MONOTONIC, which every process in one time
+namespace shares; a worker in another namespace reads it shifted, so its
+deadlines are moved onto the server's line by its offset (read from the kernel,
+or learnt from its stamped requests: ``_dispatch``).  A wall-clock deadline
 (torch's clients send ``time.time() + after``) is converted once, on receipt.
 """
 

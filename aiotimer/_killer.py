@@ -4,8 +4,10 @@ When deadlines pass, ``Killer.expire`` pops the due timers and calls each
 process's reaper once, with every timer of it that expired.  Signals go out
 first, in one burst, before any bookkeeping, logging or event: with many
 processes expiring together, each is signalled as close to its deadline as the
-machine allows.  A process is signalled as soon as its first due timer is
-popped (in chunks of ``CHUNK`` timers), never after popping everything due.
+machine allows.  Due timers are popped ``CHUNK`` at a time, and the processes
+a chunk reached are signalled before the next chunk is popped; a process to be
+killed leaves the heap with its first due timer (``detach``), so its other
+timers, however many, cost the rest nothing.
 A reaper that returns an awaitable is followed up in a task; one that raises is
 retried with backoff.
 """
