@@ -34,7 +34,7 @@ from ._events import (
 )
 from ._expiry import Expiry, Reaper
 from ._heap import DeadlineHeap, OwnerTimers, Timer
-from ._linux import pidfd_alive
+from ._linux import pidfd_alive, signal_name
 from ._processes import ProcessRegistry, WatchedProcess
 
 __all__ = ["CHUNK", "FollowUps", "Killer", "backoff"]
@@ -66,13 +66,6 @@ def backoff(first: float = 0.05, factor: float = 2.0, cap: float = 2.0) -> Itera
     while True:
         yield delay
         delay = min(delay * factor, cap)
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return _signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
 
 
 def _requested_signal(timers: list[Timer]) -> int | None:
@@ -522,10 +515,10 @@ class Killer:
     def _signalled(self, expiry: Expiry, sig: int) -> None:
         at = expiry.signal_times[-1]
         if len(expiry.signals_sent) != 1:  # an escalation: reported as it happens
-            self._counters.record_signal(_signal_name(sig))
+            self._counters.record_signal(signal_name(sig))
             logger.warning(
                 "sent %s to pid %d (%.3f s after its deadline)",
-                _signal_name(sig),
+                signal_name(sig),
                 expiry.pid,
                 at - expiry.deadline,
                 extra=EVENT_LOGGED,
@@ -545,13 +538,13 @@ class Killer:
         latency = at - expiry.deadline
         self._counters.kills += 1
         self._counters.record_decision(latency)
-        self._counters.record_signal(_signal_name(sig))
+        self._counters.record_signal(signal_name(sig))
         spawned = expiry.spawned
         if spawned is not None and spawned.pid == expiry.pid:
             spawned.killed_by_watchdog = True
         logger.warning(
             "sent %s to pid %d (%.3f ms after its deadline)",
-            _signal_name(sig),
+            signal_name(sig),
             expiry.pid,
             latency * 1e3,
             extra=EVENT_LOGGED,

@@ -42,11 +42,20 @@ __all__ = [
     "pidfd_signal",
     "process_uid",
     "restore_scheduling",
+    "signal_name",
     "timerfd_arm_at",
     "timerfd_create",
 ]
 
 _BATCH_PARAM = os.sched_param(0)
+
+
+def signal_name(sig: int) -> str:
+    """``"SIGKILL"`` for 9; the number itself for a signal Python has no name for."""
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
 
 
 class ProcessGone(ProcessLookupError):

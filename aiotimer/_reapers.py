@@ -8,6 +8,7 @@ from typing import Any
 
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry
+from ._linux import signal_name
 from ._validate import check_seconds, check_signal
 
 __all__ = ["SignalReaper"]
@@ -93,7 +94,7 @@ class SignalReaper:
             "pid %d still alive %.3gs after %s; sending SIGKILL",
             expiry.pid,
             self.grace,
-            _signal.Signals(sig).name,
+            signal_name(sig),
             extra=EVENT_LOGGED,  # the SignalSent event that follows says it too
         )
         expiry.send_signal(_signal.SIGKILL, group=self.process_group)
