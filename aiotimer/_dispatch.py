@@ -16,13 +16,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ._channel import Channel
 from ._clock import Cancellable, Clock, wall_to_monotonic
 from ._events import EVENT_LOGGED, Counters, EventBus, RequestRejected, logger
 from ._heap import DeadlineHeap
 from ._processes import ProcessRegistry
 from ._protocol import _AFTER, _HELLO, _RELEASE, _STAMPED, _WALL, Request
 from ._scheduler import Scheduler
-from .transports._base import Channel
 
 __all__ = ["Caps", "Dispatcher", "RejectionLog"]
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._channel import Channel, Listener, RequestSink
 from ._clock import Clock, SystemClock
 from ._dispatch import Caps, Dispatcher
 from ._events import (
@@ -44,7 +45,6 @@ from ._reapers import SignalReaper
 from ._scheduler import Scheduler
 from ._validate import check_count, check_seconds, check_signal
 from ._workers import Worker, WorkerSet, start_worker_process
-from .transports._base import Channel, Listener, RequestSink
 from .transports._local import LocalChannel
 from .transports._pipe import PipeChannel
 

@@ -120,3 +120,14 @@ def test_the_core_never_imports_workers_or_the_launcher() -> None:
     for core in CORE:
         forbidden = reach(core, set()) & {"aiotimer._workers", "aiotimer.launcher"}
         assert not forbidden, f"{core} imports {sorted(forbidden)} (TYPE_CHECKING included)"
+
+
+def test_the_dispatcher_loads_no_transport() -> None:
+    """``Channel`` lives in the core: dispatching loads no transport, nor multiprocessing."""
+    code = (
+        "import sys, aiotimer._dispatch\n"
+        "print(sorted(m for m in sys.modules if m.startswith('aiotimer.transports')"
+        " or m == 'multiprocessing'))"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

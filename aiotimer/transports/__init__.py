@@ -1,10 +1,10 @@
 """The ways requests reach a ``TimerServer``: one module per transport."""
 
+from .._channel import Channel as Channel
+from .._channel import Host as Host
+from .._channel import RequestSink as RequestSink
 from .._protocol import Op as Op
 from .._protocol import Request as Request
-from ._base import Channel as Channel
-from ._base import Host as Host
-from ._base import RequestSink as RequestSink
 from ._local import LocalChannel as LocalChannel
 from ._pipe import PipeChannel as PipeChannel
 from .fifo import FifoListener as FifoListener

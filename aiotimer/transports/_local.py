@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from .._channel import Channel, RequestSink
 from .._processes import descendant_of
 from .._protocol import SIGNAL_DEFAULT, SIGNAL_LOG_ONLY, Op, Request
 from .._validate import check_signal
-from ._base import Channel, RequestSink
 
 __all__ = ["LocalChannel"]
 

@@ -6,10 +6,10 @@ import asyncio
 import os
 from typing import TYPE_CHECKING
 
+from .._channel import Channel, RequestSink
 from .._events import logger
 from .._linux import descends_from, holds_pipe, process_uid
 from .._protocol import FrameDecoder
-from ._base import Channel, RequestSink
 
 if TYPE_CHECKING:
     from .._processes import SpawnedTree

@@ -36,10 +36,10 @@ import termios
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._channel import Channel, Host, RequestSink
 from .._events import logger
 from .._processes import foreign_descendant_of
 from .._protocol import JsonLineDecoder
-from ._base import Channel, Host, RequestSink
 from ._paths import GuardedPath, PathGuard, existing_of_ours
 
 __all__ = ["FifoListener", "check_fifo_path", "listen_fifo"]

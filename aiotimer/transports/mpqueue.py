@@ -33,10 +33,10 @@ import queue as _queue
 from collections.abc import Iterable
 from typing import Any
 
+from .._channel import Channel, Host, RequestSink
 from .._events import logger
 from .._processes import foreign_descendant_of
 from .._protocol import Op, Request
-from ._base import Channel, Host, RequestSink
 
 __all__ = ["QueueBridge", "bridge_queue", "request_from_torch"]
 

@@ -48,11 +48,11 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._channel import Channel, Host
 from .._events import logger
 from .._processes import foreign_descendant_of
 from .._protocol import FrameDecoder, Reply, Request, encode_reply
 from .._validate import check_count
-from ._base import Channel, Host
 from ._paths import GuardedPath, PathGuard, existing_of_ours, rename_noreplace
 
 __all__ = ["SocketChannel", "SocketListener", "check_socket_path", "listen_socket"]

@@ -1,5 +1,8 @@
 """What every transport shares: a channel of requests, where it sends them, who hosts it.
 
+In the core (not in ``transports``): the dispatcher and the server import it
+without loading every transport, ``multiprocessing`` included.
+
 A transport reads bytes, decodes them with ``_protocol`` and hands the requests
 to a ``RequestSink``; it never reaches into the server.  ``Host`` is what a
 listener needs of the server it is attached to.
@@ -13,11 +16,11 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from .._linux import tree_root
-from .._protocol import Request
+from ._linux import tree_root
+from ._protocol import Request
 
 if TYPE_CHECKING:
-    from .._processes import SpawnedTree
+    from ._processes import SpawnedTree
 
 __all__ = ["Channel", "Host", "Listener", "RequestSink"]
 
