@@ -568,8 +568,9 @@ class Job:
         self._job_id = uuid.uuid4().hex[:12]
         #: every rank's TORCHELASTIC_RUN_ID
         self.run_id = str(uuid.uuid4()) if run_id is None else run_id
-        #: where the error files go: ``log_dir``, or a private directory once running
-        self.error_dir: Path | None = self.log_dir
+        #: where the error files go: ``log_dir``, or a private directory once running;
+        #: absolute, as the watchdog writes only to an absolute TORCHELASTIC_ERROR_FILE
+        self.error_dir: Path | None = None if log_dir is None else Path(log_dir).absolute()
         self._private_error_dir = False
         self._error_dir_warned = False
         self._omp_threads: str | None = None  # OMP_NUM_THREADS for the ranks, if we set it

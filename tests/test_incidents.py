@@ -552,7 +552,8 @@ def test_run_prints_one_line_per_incident_with_its_path(tmp_path: Path) -> None:
     """
     result = run_cli("-n", "2", "--", *py(code), cwd=tmp_path)
     assert result.returncode == 124, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "incident:" in line]
+    # the event's line (the summary's root cause repeats the path)
+    lines = [line for line in result.stderr.splitlines() if "; incident: " in line]
     assert len(lines) == 1, result.stderr
     assert "rank 1 (pid" in lines[0] and "stuck_in_allreduce_xyz" in lines[0]
     path = tmp_path / lines[0].split("incident: ")[1]  # the default: ./aiotimer-incidents

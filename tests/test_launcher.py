@@ -664,6 +664,15 @@ def test_omp_num_threads_is_left_alone_when_set_or_for_one_rank(
     assert str(uuid.UUID(run_id)) == run_id and f"summary of run {run_id}" in err
 
 
+def test_a_relative_log_dir_gives_every_rank_an_absolute_error_file(loop: str, marker: str) -> None:
+    """A rank may change directory, and the watchdog writes only to an absolute path."""
+    code, out, err = finish(launcher(loop, marker, "-n", "2", "--log-dir", "logs", code=SHOW_ENV))
+    assert code == 0, err
+    for rank, info in shown(out).items():
+        expected = workdir(marker) / "logs" / "attempt_0" / rank / "error.json"
+        assert info["error_file"] == str(expected) and info["dir_exists"], info
+
+
 RECORD_RAISES = """
     import os, sys, time
     if os.environ["RANK"] == "1":
@@ -797,3 +806,35 @@ def test_read_error_file_is_bounded_and_never_follows_or_blocks(tmp_path: Path) 
     assert junk is not None and junk.message.startswith("(not torch's error file format")
     with pytest.raises(ValueError, match="`limit` must be a positive number of bytes, got 0"):
         read_error_file(good, limit=0)
+
+
+def test_an_observed_expiry_fails_nothing_and_stops_no_rank(loop: str, marker: str) -> None:
+    """--observe: a rank that overran its deadline and then finished stopped the whole group
+    (the others were SIGTERMed and listed as FAILED, exit 1); now only failures stop it."""
+    proc = launcher(
+        loop,
+        marker,
+        "-n",
+        "2",
+        "--observe",
+        "--dump-timeout",
+        "0",
+        code="""
+            import os, time, aiotimer
+            if os.environ["RANK"] == "1":
+                with aiotimer.expires(after=0.3, scope="slow"):
+                    time.sleep(1)
+            else:
+                while not os.path.exists("rank1-done"):
+                    time.sleep(0.01)
+                time.sleep(0.5)  # still running after rank 1's exit was seen
+            if os.environ["RANK"] == "1":
+                open("rank1-done", "w").close()
+            print("done", flush=True)
+        """,
+    )
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert out.count("done") == 2, out + err
+    assert "rank 0: ok\n" in err and "rank 1: ok; expiries observed: attempt 0 in slow" in err
+    assert "Root cause" not in err and "FAILED" not in err and "stopped" not in err

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -37,6 +38,17 @@ def get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def metrics_url(lines: list[str], stderr: IO[str]) -> str:
+    """The launcher's metrics URL from its first lines (notices may come before it)."""
+    while len(lines) < 20:
+        lines.append(stderr.readline())
+        found = re.search(r"metrics on (http://\S+/metrics)", lines[-1])
+        if found:
+            return found.group(1)
+        assert lines[-1], lines  # the launcher exited
+    raise AssertionError(lines)
 
 
 def metric(text: str, name: str) -> float:
@@ -86,10 +98,7 @@ def test_a_job_is_scraped_while_it_runs_and_its_event_log_is_json_lines(tmp_path
     )
     try:
         assert proc.stderr is not None
-        first = proc.stderr.readline()
-        found = re.search(r"metrics on (http://\S+/metrics)", first)
-        assert found, first
-        url = found.group(1)
+        url = metrics_url([], proc.stderr)
         deadline = time.monotonic() + 60
         while True:
             status, text = get(url)
@@ -157,22 +166,21 @@ def test_metrics_linger_after_the_job_and_count_rank_restarts(
     )  # fmt: skip
     try:
         assert proc.stderr is not None
-        lines = [proc.stderr.readline()]
-        found = re.search(r"metrics on (http://\S+/metrics)", lines[0])
-        assert found, lines
+        lines: list[str] = []
+        url = metrics_url(lines, proc.stderr)
         while "metrics stay up 60s more" not in lines[-1]:
             lines.append(proc.stderr.readline())
             assert lines[-1], lines  # the launcher exited without lingering
         assert any("summary" in line for line in lines), lines  # said before the linger
         start = time.monotonic()
-        code, text = get(found.group(1))  # the job is over, its metrics are still served
+        code, text = get(url)  # the job is over, its metrics are still served
         assert code == 200
         assert metric(text, 'aiotimer_kills_total{signal="SIGKILL"}') == 1
         assert metric(text, "aiotimer_restarts_total") == restarts
         assert metric(text, 'aiotimer_workers{state="running"}') == 0
         ended = "succeeded" if status == 0 else "failed"
         assert metric(text, f'aiotimer_workers{{state="{ended}"}}') >= 1
-        assert get(found.group(1).replace("/metrics", "/healthz")) == (200, "ok\n")
+        assert get(url.replace("/metrics", "/healthz")) == (200, "ok\n")
         proc.send_signal(signal.SIGTERM)  # a stop signal ends the linger ...
         _, err = proc.communicate(timeout=WAIT)
         assert time.monotonic() - start < 30
@@ -250,3 +258,4 @@ async def test_the_event_log_is_a_log_event_hook() -> None:
 def test_bad_arguments_name_the_parameter_and_value() -> None:
     with pytest.raises(ValueError, match="give `path` or `stream`"):
         JsonEventLog()
+
