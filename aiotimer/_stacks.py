@@ -46,6 +46,8 @@ __all__ = [
     "dump_file",
     "find_py_spy",
     "parse_faulthandler",
+    "printable",
+    "printable_lines",
     "py_spy_candidates",
     "shorten_symbol",
 ]
@@ -60,6 +62,34 @@ MAX_PY_SPY_BYTES = 4 << 20
 #: thousands of characters of template arguments (pybind11's run to 1,500 in torch).
 MAX_SYMBOL_CHARS = 160
 _OPEN = {"<": ">", "(": ")"}
+# What a worker's text may not bring into a line a person reads: C0 and C1 controls
+# (escape sequences, carriage returns, newlines that would forge a line of ours),
+# DEL, Unicode's line and paragraph separators, and the bidirectional overrides
+# that reorder what a terminal shows.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (ESC as ``\\x1b``, a newline as ``\\x0a``).
+
+    For text that comes from a worker (a scope, a file or function name, a
+    command line) on its way into a line a person reads: a terminal, a log, an
+    incident's ``.txt``, torch's error file.  Nothing else changes (a backslash
+    stays one), so escaping twice is escaping once.
+    """
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape, text)
+
+
+def printable_lines(text: str) -> str:
+    """``text`` with its newlines kept as line breaks and every other control escaped."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def _elide_groups(name: str) -> str | None:
@@ -204,14 +234,14 @@ def _py_spy_missing() -> str:
 
 
 def _format(threads: list[Thread]) -> str:
+    """The threads as text for a person; every name the process chose is escaped."""
     lines: list[str] = []
     for t in threads:
-        lines.append(
-            f"Thread {t.id}{f' ({t.name})' if t.name else ''}{' (active)' if t.active else ''}"
-        )
+        name = f" ({printable(t.name)})" if t.name else ""
+        lines.append(f"Thread {t.id}{name}{' (active)' if t.active else ''}")
         for f in t.frames:
             where = f"{f.file}:{f.line}" if f.line else f.file
-            lines.append(f"    {f.function} ({where})")
+            lines.append(f"    {printable(f.function)} ({printable(where)})")
     return "\n".join(lines) + "\n"
 
 
@@ -392,6 +422,9 @@ class _DumpFile:
 
 def _parse_dump(text: str, truncated: bool) -> tuple[list[Thread], str]:
     threads = parse_faulthandler(text)
+    # The process wrote this file: its lines stay lines, anything else is escaped
+    # (faulthandler escapes names itself; a forged dump does not).
+    text = printable_lines(text)
     if truncated:
         text += f"\n[aiotimer: the dump was cut at {MAX_DUMP_BYTES} bytes]\n"
     return threads, text

@@ -28,8 +28,11 @@ from aiotimer._stacks import (
     Frame,
     Stacks,
     Thread,
+    _parse_dump,
     capture_stacks,
     parse_faulthandler,
+    printable,
+    printable_lines,
     shorten_symbol,
 )
 
@@ -613,3 +616,19 @@ def test_run_observe_records_and_lets_every_rank_finish(tmp_path: Path) -> None:
     assert "expiries observed: attempt 0 in slow" in result.stderr
     (incident,) = incidents(tmp_path / "inc")
     assert incident["observe"] is True
+
+
+def test_printable_escapes_control_characters_and_nothing_else() -> None:
+    assert printable("plain text, ünïcode and a \\ backslash") == (
+        "plain text, ünïcode and a \\ backslash"
+    )
+    forged = "a\x1b[31m\tb\rc\nd\x7f\x9b\u2028\u202e"
+    shown = printable(forged)
+    assert shown == "a\\x1b[31m\\x09b\\x0dc\\x0ad\\x7f\\x9b\\u2028\\u202e"
+    assert printable(shown) == shown  # escaping twice is escaping once
+    assert printable_lines("one\x1b\ntwo\r\n") == "one\\x1b\ntwo\\x0d\n"
+    # A client's faulthandler dump is the process's own file: escaped as it is read.
+    dump = 'Current thread 0x01 (most recent call first):\n  File "x\x1b[2J.py", line 3 in f\n'
+    threads, raw = _parse_dump(dump, False)
+    assert threads[0].frames[0].file == "x\x1b[2J.py"  # the data, as it was
+    assert raw.splitlines()[1] == '  File "x\\x1b[2J.py", line 3 in f'
