@@ -9,27 +9,48 @@ On an expiry, ``IncidentReaper`` works in steps (the escalation tiers):
    once per burst, and that capture is copied into every incident that lists
    the process (its own included, even if it finished after the kill), stamped
    with when it was taken relative to that incident's deadline;
-2. if the process runs under torchrun (``TORCHELASTIC_ERROR_FILE`` in its
-   environment), write torch's error file, so torchrun's "Root Cause" names the
-   expired scope and the hung stack instead of "Signal 9 received";
+2. if the process runs under torchrun (``TORCHELASTIC_ERROR_FILE`` in the
+   environment its launcher gave it), write torch's error file, so torchrun's
+   "Root Cause" names the expired scope and the hung stack instead of "Signal 9
+   received".  Created only where the hung process's own uid could create it
+   (see ``write_torch_error_file``);
 3. the kill itself (by default ``SignalReaper``: signal, grace, SIGKILL), or
    nothing at all in observe mode;
 4. one JSON file per incident, never overwriting another, and a readable
    ``.txt`` beside it, each step and its time in both, and a "likely culprit"
    when exactly one rank is outside the collective the others wait in.
+
+Bounded: a process that expires again in the same scope within
+``repeat_window`` (observe mode, a custom reaper that lets it live) is counted
+in its first incident (``repeats``), not recorded again; the directory keeps at
+most ``max_incidents`` incidents and ``max_incident_bytes`` bytes of them,
+removing its own oldest ``incident-*`` files first; ``IncidentReaper.incidents``
+keeps only the latest few in memory.
+
+What a worker chose (scopes, thread, file and function names, its command line,
+its environment's values) is escaped (``_stacks.printable``) in every line a
+person reads: the log, the ``.txt``, torch's error file.  The ``.json`` keeps
+the data as it was (JSON escapes it); its display fields (``summary``,
+``likely_culprit``, stacks' ``raw`` text, actions' ``text``) are escaped too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
+import re
 import shutil
 import signal as _signal
 import socket
+import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,21 +59,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._clock import Clock, monotonic_to_wall
+from ._clock import Cancellable, Clock, monotonic_to_wall
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
-from ._ioplane import run_blocking
-from ._linux import environ_of
+from ._ioplane import _executor, run_blocking
+from ._linux import environ_of, parent_pid
 from ._reapers import SignalReaper
-from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy
-from ._validate import check_seconds
+from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy, printable, printable_lines
+from ._validate import check_count, check_seconds
 
 __all__ = [
     "DEFAULT_DUMP_TIMEOUT",
+    "DEFAULT_MAX_INCIDENTS",
+    "DEFAULT_MAX_INCIDENT_BYTES",
+    "DEFAULT_REPEAT_WINDOW",
     "Incident",
     "IncidentReaper",
     "IncidentRecorder",
     "likely_culprit",
+    "write_torch_error_file",
 ]
 
 #: Seconds after a deadline by which the kill goes out, captured or not.  Measured
@@ -75,6 +100,27 @@ _COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py",)
 # Most bytes of a /proc file (cmdline) read: a process controls its own.
 _PROC_BYTES = 64 * 1024
 _seq = itertools.count(1)
+#: Incidents an incident directory keeps (each a ``.json`` and its ``.txt``); over it,
+#: aiotimer's own oldest ``incident-*`` files are removed.
+DEFAULT_MAX_INCIDENTS = 1000
+#: Bytes of incidents an incident directory keeps; over it, the oldest are removed.
+DEFAULT_MAX_INCIDENT_BYTES = 1 << 30
+#: Seconds after an incident within which the same process expiring again in the same
+#: scope is counted in that incident (``repeats``) instead of making another.
+DEFAULT_REPEAT_WINDOW = 60.0
+# An incident's repeat count is rewritten at most this often (seconds; and at close).
+_REWRITE_EVERY = 5.0
+# Incidents of one process per window, whatever scopes it names: past them, its
+# expiries are counted in its latest incident (a scope per step makes no flood).
+_NEW_PER_PROCESS = 8
+# (process, scope) pairs remembered for the window (each holds its incident).
+_MAX_RECENT = 256
+# Incidents kept in memory (``IncidentReaper.incidents``); the rest are on disk.
+_KEEP_INCIDENTS = 32
+# Most parents walked from a hung process up to its worker.
+_MAX_ANCESTRY = 64
+# The names IncidentRecorder gives (no other file of the directory is ever removed).
+_OURS = re.compile(r"incident-\d{8}T\d{6}-pid\d+-\d+-\d+")
 
 
 def _iso(wall: float) -> str:
@@ -102,6 +148,74 @@ class _Facts:
     torch_error_file: str | None = None
     #: the attempt (restart count, from 0) it belongs to, as its launcher said
     attempt: str | None = None
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Whom a process acts as on files: its filesystem uid and gid, and its groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def _owner_of(pid: int) -> _Owner | None:
+    """``pid``'s file credentials from ``/proc/PID/status``; ``None`` if it is gone.
+
+    Blocks: the I/O plane's.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            raw = f.read(_PROC_BYTES)
+    except OSError:
+        return None
+    fields: dict[str, list[str]] = {}
+    for line in raw.decode(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            fields[key] = value.split()
+    try:
+        # real, effective, saved, filesystem: the kernel checks files against the last
+        return _Owner(
+            int(fields["Uid"][3]), int(fields["Gid"][3]), tuple(map(int, fields["Groups"]))
+        )
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
+def _error_file_source(pid: int, worker_pid: int | None, own: str | None) -> tuple[str | None, int]:
+    """torch's error file for ``pid`` as its launcher set it, and whose environment says so.
+
+    When ``pid`` descends from its spawned worker ``worker_pid``, the value is
+    the one of the first process on the way down from the worker that has
+    ``TORCHELASTIC_ERROR_FILE``: the worker itself under ``aiotimer run``, the
+    rank torchrun's agent started under ``serve -- torchrun``.  A descendant's
+    own value never overrides its ancestors'.  Otherwise (no worker, or it is
+    no longer an ancestor): ``own``, ``pid``'s own.  Blocks: the I/O plane's.
+    """
+    chain = [pid]
+    if worker_pid is not None and worker_pid != pid:
+        at: int | None = pid
+        for _ in range(_MAX_ANCESTRY):
+            at = parent_pid(at) if at is not None else None
+            if at is None or at <= 1:
+                break
+            chain.append(at)
+            if at == worker_pid:
+                break
+        if chain[-1] != worker_pid:
+            chain = [pid]
+    for ancestor in reversed(chain[1:]):
+        value = environ_of(ancestor).get("TORCHELASTIC_ERROR_FILE")
+        if value:
+            return value, ancestor
+    return own, pid
+
+
+def _process_of(expiry: Expiry) -> object:
+    """The server's record of ``expiry``'s process: held by a pidfd, it is that process
+    whatever its pid later names (an ``Expiry`` built elsewhere: its pid)."""
+    return getattr(expiry, "_process", None) or expiry.pid
 
 
 def _facts(pid: int) -> _Facts:
@@ -165,6 +279,35 @@ class _Capture:
         }
 
 
+class _Recent:
+    """A process's incident in one scope, counting its repeats until its window is over."""
+
+    __slots__ = (
+        "clock",
+        "handle",
+        "incident",
+        "key",
+        "last_write",
+        "process",
+        "started",
+        "written",
+    )
+
+    def __init__(
+        self, key: tuple[int, str], incident: Incident, process: object, clock: Clock
+    ) -> None:
+        self.key = key
+        self.incident = incident
+        #: the server's record of the process (see ``_process_of``)
+        self.process = process
+        self.clock = clock
+        self.started = clock.now()
+        #: the repeat count in the incident's files, and when it was last written there
+        self.written = 0
+        self.last_write = -math.inf
+        self.handle: Cancellable | None = None
+
+
 def _taken_text(taken: object) -> str:
     """``taken at the deadline +0.012s, done +0.188s`` (for the incident's text)."""
     if not isinstance(taken, dict) or not isinstance(taken.get("after_deadline"), float):
@@ -220,7 +363,7 @@ def likely_culprit(processes: Iterable[tuple[int, str | None, Stacks | None]]) -
     top = stacks.top()
     where = f"; it is in {top.function} ({top.file}:{top.line})" if top is not None else ""
     waiting = ", ".join(sorted(inside, key=lambda r: (len(r), r)))
-    return (
+    return printable(
         f"rank {rank} (pid {pid}), the only rank not in {collective}, where "
         f"rank{'s' if len(inside) > 1 else ''} {waiting} wait{'' if len(inside) > 1 else 's'}"
         f"{where}"
@@ -260,16 +403,21 @@ class Incident:
     observe: bool = False
     #: the JSON file it was written to, once it has been
     path: Path | None = None
+    #: how many more times the process expired in the same scope within the repeat
+    #: window, counted here instead of recorded one by one
+    repeats: int = 0
+    #: wall-clock seconds: the last of those repeats
+    last_repeat: float | None = None
 
     def summary(self) -> str:
-        """One line: who hung where."""
+        """One line: who hung where (what the worker chose is escaped)."""
         who = f"rank {self.rank} (pid {self.pid})" if self.rank is not None else f"pid {self.pid}"
         scopes = ", ".join(repr(s) for s in self.scopes[:3]) + (
             " ..." if len(self.scopes) > 3 else ""
         )
         top = self.stacks.top() if self.stacks is not None else None
         where = f" in {top.function} ({top.file}:{top.line})" if top is not None else ""
-        return f"{who} hung in {scopes}{where}"
+        return printable(f"{who} hung in {scopes}{where}")
 
     def to_dict(self) -> dict[str, object]:
         """The incident as plain data (its JSON file)."""
@@ -294,11 +442,13 @@ class Incident:
             "stacks_taken": self.stacks_taken,
             "others": self.others,
             "likely_culprit": self.likely_culprit,
+            "repeats": self.repeats,
+            "last_repeat": None if self.last_repeat is None else _iso(self.last_repeat),
             "summary": self.summary(),
         }
 
     def text(self) -> str:
-        """The incident for a person to read."""
+        """The incident for a person to read: its lines are ours, the rest is escaped."""
         lines = [
             f"aiotimer incident at {_iso(self.time)} on {self.host}",
             f"  {self.summary()}",
@@ -315,10 +465,16 @@ class Incident:
         ]
         for action in self.actions:
             lines.append(f"    - {action.get('text', action)}")
+        if self.repeats:
+            last = f", the last at {_iso(self.last_repeat)}" if self.last_repeat else ""
+            lines.append(
+                f"  repeats: it expired {self.repeats} more time{'s' if self.repeats > 1 else ''}"
+                f"{last} (counted here, not recorded one by one)"
+            )
         if self.stacks is not None:
             how = ", ".join(filter(None, [self.stacks.method, _taken_text(self.stacks_taken)]))
             lines.append(f"stacks of pid {self.pid} ({how or 'none'}):")
-            lines.append(self.stacks.raw.rstrip() or f"  (none: {self.stacks.reason})")
+            lines += (self.stacks.raw.rstrip() or f"  (none: {self.stacks.reason})").split("\n")
             if self.stacks.ok and self.stacks.reason:
                 lines.append(f"  (note: {self.stacks.reason})")
         for other in self.others:
@@ -331,24 +487,45 @@ class Incident:
             command = other.get("command")
             shown = " ".join(command) if isinstance(command, list) else ""
             lines.append(f"stacks of pid {other['pid']}{rank} ({how or 'none'}): {shown}")
-            lines.append(str(raw).rstrip() if raw else f"  (none: {reason})")
-        return "\n".join(lines) + "\n"
+            lines += (str(raw).rstrip() if raw else f"  (none: {reason})").split("\n")
+        # One element, one line: a newline inside one came from a worker, and is escaped.
+        return "\n".join(map(printable, lines)) + "\n"
 
 
 class IncidentRecorder:
     """Writes incidents into ``directory``: ``incident-<time>-<pid>-<n>.json`` and ``.txt``.
 
     A new incident never overwrites a file; an incident's own files are
-    replaced atomically when it is updated (the kill escalated).
+    replaced atomically when it is updated (the kill escalated, a repeat was
+    counted).  The directory keeps at most ``max_incidents`` incidents and
+    ``max_bytes`` bytes of them (``None``: no bound): over either, the oldest of
+    aiotimer's own incidents (regular files of this uid named as this class
+    names them, from this run or an earlier one) are removed first, with one
+    warning; no other file is ever removed.  Files other processes write into
+    the directory meanwhile are counted from the next start on.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_incidents: int | None = DEFAULT_MAX_INCIDENTS,
+        max_bytes: int | None = DEFAULT_MAX_INCIDENT_BYTES,
+    ) -> None:
         # Absolute: the path is reported (events, torch's error file) to readers elsewhere.
         self.directory = Path(directory).absolute()
+        self.max_incidents = check_count("max_incidents", max_incidents, optional=True)
+        self.max_bytes = check_count("max_bytes", max_bytes, optional=True)
+        #: incidents removed to keep the directory within its budget
+        self.removed = 0
         # Two I/O-plane threads may claim one incident at once (torch's error file,
         # still pending when its wait timed out, and the incident's own write):
         # without the lock each would make a file, and one would stay empty.
         self._claiming = threading.Lock()
+        # Our incidents in the directory, oldest first: base name -> bytes (read once).
+        self._kept: collections.OrderedDict[str, int] | None = None
+        self._bytes = 0
+        self._warned = False
 
     def claim(self, incident: Incident) -> Path:
         """Give ``incident`` a file of its own (created empty, never another's).
@@ -361,44 +538,143 @@ class IncidentRecorder:
     def _claim(self, incident: Incident) -> Path:
         if incident.path is None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            kept = self._load()
             stamp = datetime.datetime.fromtimestamp(incident.time, tz=datetime.UTC)
             base = f"incident-{stamp:%Y%m%dT%H%M%S}-pid{incident.pid}-{os.getpid()}-{next(_seq)}"
             path = self.directory / f"{base}.json"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.close(fd)  # claimed: nothing else will write there
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            os.close(os.open(path, flags, 0o644))  # claimed: nothing else will write there
             incident.path = path
+            kept[base] = 0
+            self._rotate(keep=base)
         return incident.path
 
     def write(self, incident: Incident) -> Path:
-        """Write (or update) ``incident``'s files; return the JSON file's path."""
+        """Write (or update) ``incident``'s files; return the JSON file's path.
+
+        An incident already removed to keep within the budget is not written again.
+        """
         self.claim(incident)
-        assert incident.path is not None
-        self._replace(incident.path, json.dumps(incident.to_dict(), indent=1) + "\n")
-        self._replace(incident.path.with_suffix(".txt"), incident.text())
-        return incident.path
+        path = incident.path
+        assert path is not None
+        base = path.stem
+        with self._claiming:
+            if self._kept is not None and base not in self._kept:
+                return path  # rotated out while it waited
+        size = self._replace(path, json.dumps(incident.to_dict(), indent=1) + "\n")
+        size += self._replace(path.with_suffix(".txt"), incident.text())
+        with self._claiming:
+            kept = self._load()
+            if base in kept:
+                self._bytes += size - kept[base]
+                kept[base] = size
+                self._rotate(keep=base)
+            else:  # rotated out while it was written: gone for good
+                self._remove(base)
+        return path
+
+    def preload(self) -> None:
+        """Read which incidents the directory holds already (if it exists).
+
+        Done when the reaper opens, so the first claim (before a kill) does not
+        scan.  Blocks: the I/O plane's.
+        """
+        with self._claiming:
+            if self._kept is None and self.directory.is_dir():
+                self._load()
+
+    @property
+    def kept(self) -> int:
+        """How many of aiotimer's incidents the directory holds (as far as this recorder knows)."""
+        with self._claiming:
+            return 0 if self._kept is None else len(self._kept)
+
+    def _load(self) -> collections.OrderedDict[str, int]:
+        """Our incidents in the directory, oldest first; read on the first claim.  Locked."""
+        if self._kept is not None:
+            return self._kept
+        found: dict[str, tuple[int, int]] = {}  # base name -> (oldest mtime, bytes)
+        uid = os.geteuid()
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                base, _, suffix = entry.name.rpartition(".")
+                if suffix not in ("json", "txt") or not _OURS.fullmatch(base):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != uid:
+                    continue  # not ours: counted as nothing, never removed
+                mtime, size = found.get(base, (info.st_mtime_ns, 0))
+                found[base] = (min(mtime, info.st_mtime_ns), size + info.st_size)
+        oldest_first = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
+        self._kept = collections.OrderedDict((base, size) for base, (_, size) in oldest_first)
+        self._bytes = sum(self._kept.values())
+        return self._kept
+
+    def _rotate(self, keep: str) -> None:
+        """Remove the oldest incidents until within the budget; never ``keep``.  Locked."""
+        kept = self._load()
+        removed = 0
+        while kept and (
+            (self.max_incidents is not None and len(kept) > self.max_incidents)
+            or (self.max_bytes is not None and self._bytes > self.max_bytes)
+        ):
+            oldest = next(iter(kept))
+            if oldest == keep:
+                break
+            self._bytes -= kept.pop(oldest)
+            self._remove(oldest)
+            removed += 1
+        self.removed += removed
+        if removed and not self._warned:
+            self._warned = True
+            budget = " and ".join(
+                text
+                for text in (
+                    None if self.max_incidents is None else f"{self.max_incidents} incidents",
+                    None if self.max_bytes is None else f"{self.max_bytes} bytes",
+                )
+                if text
+            )
+            logger.warning(
+                "the incident directory %s is over its budget (%s): removing its oldest "
+                "incidents (not logged one by one)",
+                self.directory,
+                budget,
+            )
+
+    def _remove(self, base: str) -> None:
+        for suffix in (".json", ".txt"):
+            try:
+                os.unlink(self.directory / f"{base}{suffix}")  # unlink never follows a link
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the budget is best effort; the new incident is not
+                logger.debug("cannot remove %s%s: %s", base, suffix, exc)
 
     @staticmethod
-    def _replace(path: Path, text: str) -> None:
+    def _replace(path: Path, text: str) -> int:
+        """Replace ``path`` with ``text`` atomically; the bytes written."""
         # A random name, created exclusively: a file or symlink put there
         # beforehand is never written through.
+        data = text.encode(errors="backslashreplace")  # a lone surrogate from a worker
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        return len(data)
 
 
-def write_torch_error_file(path: str, incident: Incident) -> bool:
-    """Write torchrun's error file for ``incident`` at ``path``, unless a file is there already.
-
-    torchrun shows the error file of the first failed rank as the "Root Cause"
-    of its ``ChildFailedError``.  A file the worker wrote itself is never replaced.
-    """
+def _error_file_data(incident: Incident) -> bytes:
+    """torch's error file for ``incident``: JSON whose every string is escaped for a terminal."""
     stacks = incident.stacks
     summary = f"aiotimer: watchdog timeout: {incident.summary()}"
     details = [
@@ -412,21 +688,125 @@ def write_torch_error_file(path: str, incident: Incident) -> bool:
         details.append(stacks.raw.rstrip() if stacks.ok else f"(no stacks: {stacks.reason})")
     data = {
         "message": {
-            "message": f"TimeoutError: {summary}",
-            "extraInfo": {"py_callstack": "\n".join(details), "timestamp": str(int(time.time()))},
+            "message": printable(f"TimeoutError: {summary}"),
+            "extraInfo": {
+                # torchrun prints it as it is: our line breaks stay, nothing else does
+                "py_callstack": "\n".join(map(printable_lines, details)),
+                "timestamp": str(int(time.time())),
+            },
         }
     }
+    return json.dumps(data).encode()
+
+
+# Run as root, as a child of the launcher: becomes the hung process's uid, gid and
+# groups for good (every uid set: no capability is left), then creates the file
+# exclusively, never through a link.  argv: path, uid, gid, groups; stdin: the data.
+_AS_OWNER = """\
+import os, sys
+path, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+groups = [int(g) for g in sys.argv[4].split(",") if g]
+data = sys.stdin.buffer.read()
+try:
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+except OSError as exc:
+    sys.stderr.write(f"cannot act as uid {uid} (gid {gid}): {exc.strerror}")
+    sys.exit(4)
+flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+try:
+    fd = os.open(path, flags, 0o644)
+except FileExistsError:
+    sys.exit(3)
+except OSError as exc:
+    sys.stderr.write(f"{exc.strerror} (as uid {uid})")
+    sys.exit(5)
+with os.fdopen(fd, "wb") as f:
+    f.write(data)
+"""
+_EXISTS = 3
+
+
+def _create(path: str, data: bytes, owner: _Owner | None, timeout: float) -> str | None:
+    """Create ``path`` with ``data`` as ``owner`` would; ``None``, or why not (``"exists"``).
+
+    Blocks (a child process, a file): the I/O plane's.  As ourselves when
+    ``owner`` is us (or unknown to us: ``None``), else in a child that becomes
+    ``owner`` first, so the kernel decides whether that uid may create it there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+    if owner is None or (owner.uid, owner.gid) == (os.geteuid(), os.getegid()):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            return "exists"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return None
+    argv = [
+        os.path.realpath(sys.executable),
+        "-I",
+        "-S",
+        "-c",
+        _AS_OWNER,
+        path,
+        str(owner.uid),
+        str(owner.gid),
+        ",".join(map(str, owner.groups)),
+    ]
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        return False
+        done = subprocess.run(
+            argv,
+            input=data,
+            capture_output=True,
+            timeout=timeout,
+            cwd="/",
+            # -I ignores PYTHON*; a shared libpython may need its library path
+            env={k: v for k, v in os.environ.items() if k == "LD_LIBRARY_PATH"},
+            start_new_session=True,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"not done within {timeout:.3g}s (as uid {owner.uid})"
     except OSError as exc:
-        logger.warning("cannot write torchrun's error file %s: %s", path, exc)
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    return True
+        return f"cannot start {argv[0]}: {exc}"
+    if done.returncode == 0:
+        return None
+    if done.returncode == _EXISTS:
+        return "exists"
+    said = done.stderr.decode(errors="replace").strip()[:200]
+    return said or f"the writer exited {done.returncode} (as uid {owner.uid})"
+
+
+def write_torch_error_file(
+    path: str, incident: Incident, *, owner: _Owner | None = None, timeout: float = 5.0
+) -> bool:
+    """Write torchrun's error file for ``incident`` at ``path``, unless a file is there already.
+
+    torchrun shows the error file of the first failed rank as the "Root Cause"
+    of its ``ChildFailedError``.  A file the worker wrote itself is never
+    replaced, nor is a link followed (``O_CREAT|O_EXCL|O_NOFOLLOW``).  Only an
+    absolute ``path`` is taken.  ``owner``: the hung process's credentials;
+    when they are not ours, the file is created by a child that acts as that
+    uid (for at most ``timeout`` seconds), so it is made only where the hung
+    process could make it, and is its own.  Blocks: the I/O plane's.
+    """
+    return _try_error_file(path, incident, owner, timeout) is None
+
+
+def _try_error_file(
+    path: str, incident: Incident, owner: _Owner | None, timeout: float
+) -> str | None:
+    """``write_torch_error_file``; ``None`` once written, else why not."""
+    why: str | None = "not an absolute path"
+    if os.path.isabs(path):
+        why = _create(path, _error_file_data(incident), owner, timeout)
+    if why is not None and why != "exists":
+        logger.warning("cannot write torchrun's error file %r: %s", path, why)
+    return why
 
 
 class IncidentReaper:
@@ -441,6 +821,14 @@ class IncidentReaper:
     captured too.  ``dump_dir``: where aiotimer clients write faulthandler
     dumps (``AIOTIMER_DUMP_DIR``).  ``on_incident(incident)`` is called once an
     incident is written.
+
+    Bounded outputs: ``repeat_window`` (seconds; 0: off): when the same process
+    expires again in the same scope within it (observe mode, or a ``kill`` that
+    let it live), the kill still goes out, but nothing is captured and no new
+    incident is made: the first one counts it (``repeats``, rewritten at most
+    every 5 s); past 8 incidents of one process in a window, any scope counts
+    in its latest.  ``max_incidents`` and ``max_incident_bytes``: the
+    directory's budget (see ``IncidentRecorder``).
     """
 
     def __init__(
@@ -453,21 +841,36 @@ class IncidentReaper:
         related: Callable[[], Iterable[int]] | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
         on_incident: Callable[[Incident], None] | None = None,
+        repeat_window: float = DEFAULT_REPEAT_WINDOW,
+        max_incidents: int | None = DEFAULT_MAX_INCIDENTS,
+        max_incident_bytes: int | None = DEFAULT_MAX_INCIDENT_BYTES,
     ) -> None:
         if kill is not None and not callable(kill):
             raise TypeError(f"`kill` must be a reaper (callable), got {kill!r}")
         self.kill: Reaper = SignalReaper() if kill is None else kill
         self.dump_timeout = check_seconds("dump_timeout", dump_timeout, allow_zero=True)
-        self.recorder = None if directory is None else IncidentRecorder(directory)
+        self.repeat_window = check_seconds("repeat_window", repeat_window, allow_zero=True)
+        self.recorder = (
+            None
+            if directory is None
+            else IncidentRecorder(
+                directory, max_incidents=max_incidents, max_bytes=max_incident_bytes
+            )
+        )
         self.observe = bool(observe)
         self.related = related
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.on_incident = on_incident
-        #: the incidents recorded so far, most recent last
-        self.incidents: list[Incident] = []
+        #: the latest incidents recorded (at most 32; every one is on disk), most recent last
+        self.incidents: collections.deque[Incident] = collections.deque(maxlen=_KEEP_INCIDENTS)
         self._own_dump_dir = False
         # pid -> its latest capture, shared within a burst (see ``_capture``)
         self._captures: dict[int, _Capture] = {}
+        # (pid, scope) -> its incident of the current window, oldest first (see ``_repeat_of``)
+        self._recent: collections.OrderedDict[tuple[int, str], _Recent] = collections.OrderedDict()
+        # pid -> its incidents of the current window: how many, and the latest
+        self._per_pid: dict[int, tuple[int, _Recent]] = {}
+        self._rewrites: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         where = self.recorder.directory if self.recorder is not None else None
@@ -496,13 +899,26 @@ class IncidentReaper:
 
     def open(self) -> Path:
         """Make the directory clients write their faulthandler dumps into (if it has none)."""
+        if self.recorder is not None:  # what the incident directory holds: read meanwhile
+            _executor().submit(self._preload, self.recorder)
         if self.dump_dir is None:
             self.dump_dir = Path(tempfile.mkdtemp(prefix="aiotimer-dumps-"))
             self._own_dump_dir = True
         return self.dump_dir
 
+    @staticmethod
+    def _preload(recorder: IncidentRecorder) -> None:
+        try:
+            recorder.preload()
+        except OSError as exc:  # said again, if it matters, when an incident is written
+            logger.debug("cannot read the incident directory %s: %s", recorder.directory, exc)
+
     def close(self) -> None:
-        """Remove the dump directory ``open()`` made."""
+        """Write the repeat counts not written yet (in the I/O plane); remove the dump directory."""
+        for recent in self._recent.values():
+            self._flush(recent, at_close=True)
+        self._recent.clear()
+        self._per_pid.clear()
         if self._own_dump_dir and self.dump_dir is not None:
             shutil.rmtree(self.dump_dir, ignore_errors=True)
             self.dump_dir = None
@@ -516,6 +932,117 @@ class IncidentReaper:
     def __call__(self, expiry: Expiry) -> Coroutine[Any, Any, None]:
         """Capture, record, then kill: in a follow-up task (a capture takes time)."""
         return self._run(expiry)
+
+    # -- repeats: one incident per process and scope per window ----------------
+
+    def _repeat_of(self, expiry: Expiry) -> _Recent | None:
+        """The incident that counts ``expiry`` as a repeat, if any (``None``: it gets its own)."""
+        if self.repeat_window <= 0:
+            return None
+        self._forget(expiry.clock.now())
+        pid, process = expiry.pid, _process_of(expiry)
+        scopes = expiry.scopes(1)
+        recent = self._recent.get((pid, scopes[0] if scopes else ""))
+        if recent is not None and recent.process is process:
+            return recent
+        many = self._per_pid.get(pid)
+        if many is not None and many[0] >= _NEW_PER_PROCESS and many[1].process is process:
+            return many[1]  # a new scope each time makes no flood either
+        return None
+
+    def _remember(self, expiry: Expiry, incident: Incident) -> None:
+        """Count the process's next expiries in ``incident`` for ``repeat_window`` seconds."""
+        if self.repeat_window <= 0:
+            return
+        key = (expiry.pid, incident.scopes[0] if incident.scopes else "")
+        recent = _Recent(key, incident, _process_of(expiry), expiry.clock)
+        old = self._recent.pop(key, None)
+        if old is not None:  # the pid names another process now
+            self._drop(old)
+        self._recent[key] = recent
+        many = self._per_pid.get(expiry.pid)
+        same = many is not None and many[1].process is recent.process
+        self._per_pid[expiry.pid] = ((many[0] if many and same else 0) + 1, recent)
+        while len(self._recent) > _MAX_RECENT:
+            self._drop(self._recent.popitem(last=False)[1])
+
+    def _forget(self, now: float) -> None:
+        """End the windows that are over (oldest first: they all last ``repeat_window``)."""
+        while self._recent:
+            oldest = next(iter(self._recent.values()))
+            if now - oldest.started < self.repeat_window:
+                return
+            self._recent.popitem(last=False)
+            self._drop(oldest)
+
+    def _drop(self, recent: _Recent) -> None:
+        """``recent``'s window is over: its count written, itself forgotten."""
+        self._flush(recent)
+        pid = recent.key[0]
+        many = self._per_pid.get(pid)
+        if many is None or many[1].process is not recent.process:
+            return
+        if many[1] is recent or many[0] <= 1:
+            del self._per_pid[pid]
+        else:
+            self._per_pid[pid] = (many[0] - 1, many[1])
+
+    async def _repeat(self, expiry: Expiry, recent: _Recent) -> None:
+        """Count ``expiry`` in ``recent``'s incident; kill as ever (unless observing)."""
+        incident = recent.incident
+        clock = expiry.clock
+        incident.repeats += 1
+        incident.last_repeat = monotonic_to_wall(clock, clock.now())
+        if incident.repeats == 1:
+            logger.info(
+                "pid %d expired again in %r: counted in its incident of %gs ago%s, "
+                "not recorded again (repeat_window %gs)",
+                expiry.pid,
+                expiry.scopes(1)[0] if expiry.scopes(1) else "",
+                clock.now() - recent.started,
+                f" ({incident.path.with_suffix('.txt')})" if incident.path else "",
+                self.repeat_window,
+            )
+        self._schedule(recent)
+        if self.observe or expiry.exited:
+            return
+        follow_up = self.kill(expiry)
+        if isinstance(follow_up, Awaitable):
+            await follow_up
+
+    def _schedule(self, recent: _Recent) -> None:
+        """Rewrite ``recent``'s incident with its count now, or once ``_REWRITE_EVERY`` is up."""
+        if recent.handle is not None or self.recorder is None:
+            return
+        delay = recent.last_write + _REWRITE_EVERY - recent.clock.now()
+        if delay <= 0:
+            self._flush(recent)
+        else:
+            recent.handle = recent.clock.call_later(delay, lambda: self._flush(recent))
+
+    def _flush(self, recent: _Recent, *, at_close: bool = False) -> None:
+        """Rewrite ``recent``'s incident if its count changed (in the I/O plane)."""
+        if recent.handle is not None:
+            recent.handle.cancel()
+            recent.handle = None
+        incident = recent.incident
+        if self.recorder is None or incident.repeats == recent.written:
+            return
+        recent.written = incident.repeats
+        recent.last_write = recent.clock.now()
+        if at_close:  # the loop may stop now: the pool's threads finish it before exit
+            _executor().submit(self._rewrite, self.recorder, incident)
+            return
+        task = asyncio.ensure_future(self._record(incident, again=True))
+        self._rewrites.add(task)
+        task.add_done_callback(self._rewrites.discard)
+
+    @staticmethod
+    def _rewrite(recorder: IncidentRecorder, incident: Incident) -> None:
+        try:
+            recorder.write(incident)
+        except Exception as exc:
+            logger.error("cannot write the incident of pid %d: %s", incident.pid, exc)
 
     def _start(self, expiry: Expiry) -> Incident:
         """The incident's facts that need no I/O (``/proc`` is read in the I/O plane)."""
@@ -603,7 +1130,12 @@ class IncidentReaper:
         plane; only the error file is waited for before the kill (torchrun
         reads it when the worker dies), and no longer than the same bound.
         """
+        recent = self._repeat_of(expiry)
+        if recent is not None:
+            await self._repeat(expiry, recent)
+            return
         incident = self._start(expiry)
+        self._remember(expiry, incident)
         main: _Capture | None = None
         others: asyncio.Task[list[tuple[int, _Facts, _Capture]]] | None = None
         try:
@@ -754,31 +1286,59 @@ class IncidentReaper:
         incident.attempt = known.attempt
         incident.command = list(known.command)
         incident.torch_error_file = known.torch_error_file
-        files = asyncio.ensure_future(run_blocking(self._write_error_file, incident))
+        # The child that writes as the process's uid is bounded by the same deadline
+        # (a second at least: the wait for it is, and the kill does not wait longer).
+        files = asyncio.ensure_future(
+            run_blocking(self._write_error_file, incident, expiry.worker_pid, max(left(), 1.0))
+        )
         try:
-            wrote = await asyncio.wait_for(asyncio.shield(files), left())
+            done = await asyncio.wait_for(asyncio.shield(files), left())
         except TimeoutError:
             # Written later (or never, if the disk is stuck): the kill does not wait.
             logger.warning("torch's error file for pid %d was not written in time", expiry.pid)
             files.add_done_callback(lambda f: f.cancelled() or f.exception())
             return main, others
-        if wrote:
-            incident.actions.append(
-                {"step": "torch error file", "text": f"wrote {incident.torch_error_file}"}
-            )
+        if done is not None:
+            incident.torch_error_file, text = done
+            incident.actions.append({"step": "torch error file", "text": text})
         return main, others
 
-    def _write_error_file(self, incident: Incident) -> bool:
-        """Claim the incident's file and write torch's error file.  Blocks: the I/O plane's."""
+    def _write_error_file(
+        self, incident: Incident, worker_pid: int | None, timeout: float
+    ) -> tuple[str, str] | None:
+        """Claim the incident's file, then write torch's error file: its path, what was done.
+
+        The path is the one the process's launcher set (see
+        ``_error_file_source``), absolute, and the file is created as the
+        process's own uid could (see ``write_torch_error_file``).  ``None``: no
+        error file asked for.  Blocks: the I/O plane's.
+        """
         if self.recorder is not None:
             try:  # its path goes into torch's error file
                 self.recorder.claim(incident)
             except OSError as exc:
                 logger.error("cannot write incidents into %s: %s", self.recorder.directory, exc)
-        error_file = incident.torch_error_file
-        if not error_file or self.observe:
-            return False
-        return write_torch_error_file(error_file, incident)
+        own = incident.torch_error_file
+        if self.observe:
+            return None
+        path, source = _error_file_source(incident.pid, worker_pid, own)
+        if not path:
+            return None
+        where = ""
+        if source != incident.pid:
+            where = f" (where pid {source}'s launcher set it"
+            if own and own != path:
+                where += f"; pid {incident.pid}'s own environment says {own!r}: not used"
+            where += ")"
+        owner = _owner_of(incident.pid)
+        why = "the process is gone" if owner is None else None
+        if owner is not None:
+            why = _try_error_file(path, incident, owner, timeout)
+        if why is None:
+            return path, f"wrote {path}{where}"
+        if why == "exists":
+            return path, f"torch's error file {path} exists already (left as it is){where}"
+        return path, f"torch's error file {path!r} not written: {why}{where}"
 
     def _note_signals(self, incident: Incident, expiry: Expiry) -> bool:
         """Add the signals sent since last noted to the incident; whether there were any."""

@@ -35,7 +35,7 @@ from ._events import (
 from ._expiry import Reaper
 from ._guard import Guard
 from ._heap import DeadlineHeap
-from ._incidents import DEFAULT_DUMP_TIMEOUT, Incident, IncidentReaper
+from ._incidents import DEFAULT_DUMP_TIMEOUT, DEFAULT_MAX_INCIDENTS, Incident, IncidentReaper
 from ._killer import Killer
 from ._linux import ProcessGone, descendants, live_processes
 from ._metrics import MetricsServer
@@ -79,6 +79,7 @@ def _checked(
     max_tree_bytes: int | None,
     incident_dir: str | os.PathLike[str] | None,
     dump_timeout: float,
+    max_incidents: int | None,
     realtime: bool | Literal["auto"],
 ) -> _Settings:
     """Check the arguments (errors name the parameter and its value) and settle the defaults."""
@@ -92,7 +93,9 @@ def _checked(
         raise TypeError(f"`log_event` must be callable, got {log_event!r}")
     reaper = SignalReaper() if reaper is None else reaper
     if incident_dir is not None and not isinstance(reaper, IncidentReaper):
-        reaper = IncidentReaper(incident_dir, kill=reaper, dump_timeout=dump_timeout)
+        reaper = IncidentReaper(
+            incident_dir, kill=reaper, dump_timeout=dump_timeout, max_incidents=max_incidents
+        )
     incidents = reaper if isinstance(reaper, IncidentReaper) else None
     if dump_signal is None and (incidents is not None or getattr(reaper, "dump_stacks", False)):
         # Clients register a stack dump only when something will ask for it.
@@ -175,7 +178,9 @@ class TimerServer:
     the time source (``MockClock`` in tests).  ``log_event``: torch's event hook.
     ``dump_signal``: the signal spawned workers register a stack dump on.
     ``incident_dir``/``dump_timeout``: explain every expiry first (see
-    ``IncidentReaper``).  Caps, so no client can exhaust the server (``None``: no
+    ``IncidentReaper``), keeping at most ``max_incidents`` incidents in the
+    directory (the oldest of its own removed first; ``None``: no bound).
+    Caps, so no client can exhaust the server (``None``: no
     cap; over a cap, a request is rejected with its reason):
     ``max_timers_per_process``, ``max_scope_chars_per_process``,
     ``max_processes_per_channel``, ``max_timer_bytes_per_tree`` (the timers of a
@@ -203,6 +208,7 @@ class TimerServer:
         max_timer_bytes_per_tree: int | None = 64 << 20,
         incident_dir: str | os.PathLike[str] | None = None,
         dump_timeout: float = DEFAULT_DUMP_TIMEOUT,
+        max_incidents: int | None = DEFAULT_MAX_INCIDENTS,
         realtime: bool | Literal["auto"] = False,
         guard_after: float | None = 5.0,
     ) -> None:
@@ -219,6 +225,7 @@ class TimerServer:
             max_timer_bytes_per_tree,
             incident_dir,
             dump_timeout,
+            max_incidents,
             realtime,
         )
         self._clock = settings.clock

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,13 @@ from aiotimer._stacks import (
     printable_lines,
     shorten_symbol,
 )
+from aiotimer.testing import MockClock, RecordingReaper
 
 WAIT = 120.0
 ROOT = Path(__file__).resolve().parent.parent
+ME = os.getpid()
+# A control character a person's terminal would act on (a newline is ours alone).
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]")
 
 
 def py(code: str) -> list[str]:
@@ -618,6 +627,183 @@ def test_run_observe_records_and_lets_every_rank_finish(tmp_path: Path) -> None:
     assert incident["observe"] is True
 
 
+# -- hostile workers and bounded outputs (issue 18, items 4 and 6) -----------------
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the loop run (real time, the I/O plane writes meanwhile) until ``condition``."""
+    end = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < end, f"never: {what}"
+        await asyncio.sleep(0.01)
+
+
+DROPS_PRIVILEGES = """
+    import os, time, aiotimer
+    aiotimer.get_client()
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    print("dropped", flush=True)
+    with aiotimer.expires(after=0.5, scope="step"):
+        time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the worker drops to uid 65534")
+async def test_a_worker_that_dropped_privileges_gets_an_error_file_only_where_it_could_write(
+    tmp_path: Path,
+) -> None:
+    """A root launcher used to create the error file a uid-65534 worker named in a
+    root-only directory.  Now the file is made as the worker's uid: not at all there,
+    and owned by that uid where it may write."""
+    root_only = tmp_path / "root-only"
+    root_only.mkdir(mode=0o700)
+    theirs = Path(tempfile.mkdtemp(prefix="aiotimer-test-"))  # /tmp: reachable by 65534
+    os.chown(theirs, 65534, 65534)
+    try:
+        async with TimerServer(incident_dir=tmp_path / "inc", dump_timeout=1.0) as server:
+            workers = [
+                await server.spawn(
+                    *py(DROPS_PRIVILEGES),
+                    env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(where / "error.json")},
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                for where in (root_only, theirs)
+            ]
+            for worker in workers:
+                assert worker.stdout is not None
+                assert await asyncio.wait_for(worker.stdout.readline(), WAIT) == b"dropped\n"
+            for worker in workers:
+                assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+            await asyncio.sleep(0.1)
+        assert list(root_only.iterdir()) == []
+        made = theirs / "error.json"
+        assert made.stat().st_uid == 65534 and made.stat().st_gid == 65534
+        assert "hung in 'step'" in json.loads(made.read_text())["message"]["message"]
+    finally:
+        shutil.rmtree(theirs)
+    by_pid = {i["pid"]: i for i in incidents(tmp_path / "inc")}
+    for worker, said in zip(
+        workers, ["not written: Permission denied (as uid 65534)", "wrote "], strict=True
+    ):
+        steps = [
+            a["text"] for a in by_pid[worker.pid]["actions"] if a["step"] == "torch error file"
+        ]  # type: ignore[union-attr]
+        assert len(steps) == 1 and said in steps[0], steps
+
+
+SPAWNS_A_HUNG_CHILD = """
+    import os, subprocess, sys
+    fd = int(os.environ["AIOTIMER_FD"])
+    env = dict(os.environ, TORCHELASTIC_ERROR_FILE=sys.argv[1])
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2]], env=env, pass_fds=(fd,))
+    print(child.pid, flush=True)
+    sys.exit(child.wait() != -9)
+"""
+HUNG_CHILD = """\
+import time, aiotimer
+with aiotimer.expires(after=0.5, scope="step"):
+    time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+async def test_the_error_file_is_where_the_worker_was_told_not_where_a_descendant_says(
+    tmp_path: Path,
+) -> None:
+    """The hung process is a child of the spawned worker with its own
+    TORCHELASTIC_ERROR_FILE: the worker's (what its launcher set) is written, the
+    child's is not, and the incident says so."""
+    told, forged = tmp_path / "told.json", tmp_path / "forged.json"
+    async with TimerServer(incident_dir=tmp_path / "inc", dump_timeout=1.0) as server:
+        worker = await server.spawn(
+            *py(SPAWNS_A_HUNG_CHILD),
+            str(forged),
+            HUNG_CHILD,
+            env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(told)},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert worker.stdout is not None
+        child = int(await asyncio.wait_for(worker.stdout.readline(), WAIT))
+        assert await asyncio.wait_for(worker.wait(), WAIT) == 0  # its child was SIGKILLed
+        await asyncio.sleep(0.1)
+    assert not forged.exists()
+    assert "hung in 'step'" in json.loads(told.read_text())["message"]["message"]
+    (incident,) = incidents(tmp_path / "inc")
+    assert incident["pid"] == child and incident["torch_error_file"] == str(told)
+    (step,) = [a for a in incident["actions"] if a["step"] == "torch error file"]  # type: ignore[union-attr]
+    assert f"wrote {told} (where pid {worker.pid}'s launcher set it" in step["text"]
+    assert f"says {str(forged)!r}: not used" in step["text"]
+
+
+def test_an_error_file_path_that_is_not_absolute_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not write_torch_error_file("error.json", _incident())
+    assert list(tmp_path.iterdir()) == []
+
+
+FORGES_ITS_NAMES = r"""
+    import threading, time, aiotimer
+    threading.current_thread().name = "main\x1b]0;owned\x07"
+    ns = {"time": time}
+    src = "def hang():\n    time.sleep(60)\n"
+    exec(compile(src, "/x/\x1b[2J\x1b[1;31mforged\rline\n.py", "exec"), ns)
+    hang = ns["hang"]
+    hang.__code__ = hang.__code__.replace(co_name="hang\x1b[8m", co_qualname="hang\x1b[8m")
+    print("ready", flush=True)
+    with aiotimer.expires(after=0.5, scope="step\x1b[1m\u202e"):
+        hang()
+"""
+
+
+@pytest.mark.slow
+async def test_control_characters_from_a_worker_are_escaped_wherever_a_person_reads_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung frame's file name carrying terminal escapes forged the launcher's incident
+    line.  Now every line a person reads (the log, the event's summary, the .txt,
+    torch's error file) shows them escaped; the .json keeps the data as it was."""
+    recorded: list[IncidentRecorded] = []
+    error_file = tmp_path / "error.json"
+    with caplog.at_level(logging.WARNING, logger="aiotimer"):
+        async with TimerServer(incident_dir=tmp_path / "inc", dump_timeout=2.0) as server:
+            server.events.subscribe(
+                lambda e: isinstance(e, IncidentRecorded) and recorded.append(e)
+            )
+            worker = await server.spawn(
+                *py(FORGES_ITS_NAMES),
+                env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert worker.stdout is not None
+            assert await asyncio.wait_for(worker.stdout.readline(), WAIT) == b"ready\n"
+            assert await asyncio.wait_for(worker.wait(), WAIT) == -signal.SIGKILL
+            await asyncio.sleep(0.1)
+    (incident,) = incidents(tmp_path / "inc")
+    stacks = incident["stacks"]
+    assert isinstance(stacks, dict) and stacks["method"] == "py-spy", stacks
+    # The data, as it was (JSON escapes it).
+    files = [f["file"] for t in stacks["threads"] for f in t["frames"]]
+    assert "/x/\x1b[2J\x1b[1;31mforged\rline\n.py" in files
+    assert incident["scopes"] == ["step\x1b[1m\u202e"]
+    # Every line a person reads: escaped.
+    text = next((tmp_path / "inc").glob("*.txt")).read_text()
+    error = json.loads(error_file.read_text())["message"]
+    (summary,) = [e.summary for e in recorded]
+    logged = [r.getMessage() for r in caplog.records if "hung in" in r.getMessage()]
+    for shown in (text, error["message"], error["extraInfo"]["py_callstack"], summary, *logged):
+        assert CONTROL.search(shown) is None, shown
+        assert "\\x1b[2J\\x1b[1;31mforged\\x0dline\\x0a.py" in shown, shown
+    assert "hang\\x1b[8m" in summary and "'step\\x1b[1m\\u202e'" in summary
+    assert "main\\x1b]0;owned\\x07" in text and logged
+    for raw in (str(incident["summary"]), str(stacks["raw"])):
+        assert CONTROL.search(raw) is None  # display fields of the JSON: escaped too
+
+
 def test_printable_escapes_control_characters_and_nothing_else() -> None:
     assert printable("plain text, ünïcode and a \\ backslash") == (
         "plain text, ünïcode and a \\ backslash"
@@ -632,3 +818,125 @@ def test_printable_escapes_control_characters_and_nothing_else() -> None:
     threads, raw = _parse_dump(dump, False)
     assert threads[0].frames[0].file == "x\x1b[2J.py"  # the data, as it was
     assert raw.splitlines()[1] == '  File "x\\x1b[2J.py", line 3 in f'
+
+
+async def _expire(
+    server: TimerServer, clock: MockClock, kill: RecordingReaper, scope: str, at: float
+) -> None:
+    """``scope`` of this process expires at ``at``; wait until the reaper is done with it."""
+    calls = len(kill.expiries)
+    server.local_channel().acquire(ME, scope, at)
+    await clock.advance(at - clock.now())
+    await until(lambda: len(kill.expiries) == calls + 1, f"{scope!r} killed at {at}")
+    await until(lambda: not server._registry.by_pid[ME].reaping, "the reaper done")
+
+
+async def test_a_process_expiring_again_in_a_scope_is_counted_in_its_first_incident(
+    tmp_path: Path,
+) -> None:
+    """--observe with a step overrunning: 320 incidents (478 MB) in 20 s.  Now the
+    repeats of one process and scope within the window are a count in its first
+    incident (rewritten at most every 5 s); the kill still goes out every time."""
+    clock = MockClock()
+    kill = RecordingReaper()  # signals nothing: the process lives to expire again
+    reaper = IncidentReaper(tmp_path, kill=kill, dump_timeout=0)
+    recorded: list[IncidentRecorded] = []
+    async with TimerServer(clock=clock, reaper=reaper) as server:
+        server.events.subscribe(lambda e: isinstance(e, IncidentRecorded) and recorded.append(e))
+        for at in range(1, 11):
+            await _expire(server, clock, kill, "step", float(at))
+        assert len(recorded) == 1 and len(kill.expiries) == 10
+        await clock.advance(5.0)  # the count's last rewrite
+        await until(lambda: incidents(tmp_path)[0]["repeats"] == 9, "9 repeats written")
+        await _expire(server, clock, kill, "other", 16.0)  # another scope: its own
+        await _expire(server, clock, kill, "step", 62.0)  # the window is over: a new one
+        await until(lambda: len(incidents(tmp_path)) == 3, "three incidents")
+    first, other, later = incidents(tmp_path)
+    assert [i["scopes"] for i in (first, other, later)] == [["step"], ["other"], ["step"]]
+    assert (first["repeats"], other["repeats"], later["repeats"]) == (9, 0, 0)
+    assert first["last_repeat"] == "2023-11-14T22:13:30.000Z"  # its tenth expiry, at 10.0
+    assert len(recorded) == 3 and len(kill.expiries) == 12
+    text = sorted(tmp_path.glob("*.txt"))[0].read_text()
+    assert "repeats: it expired 9 more times, the last at 2023-11-14T22:13:30.000Z" in text
+
+
+async def test_a_process_with_a_new_scope_each_time_gets_8_incidents_per_window(
+    tmp_path: Path,
+) -> None:
+    clock = MockClock()
+    kill = RecordingReaper()
+    reaper = IncidentReaper(tmp_path, kill=kill, dump_timeout=0)
+    async with TimerServer(clock=clock, reaper=reaper) as server:
+        for at in range(1, 13):
+            await _expire(server, clock, kill, f"step {at}", float(at))
+        await clock.advance(10.0)
+        await until(lambda: incidents(tmp_path)[-1]["repeats"] == 4, "4 repeats written")
+    found = incidents(tmp_path)
+    assert [i["scopes"] for i in found] == [[f"step {at}"] for at in range(1, 9)]
+    assert [i["repeats"] for i in found] == [0] * 7 + [4]
+    assert len(kill.expiries) == 12
+
+
+async def test_only_the_latest_incidents_stay_in_memory(tmp_path: Path) -> None:
+    clock = MockClock()
+    kill = RecordingReaper()
+    reaper = IncidentReaper(tmp_path, kill=kill, dump_timeout=0, repeat_window=0)
+    async with TimerServer(clock=clock, reaper=reaper) as server:
+        for at in range(1, 35):
+            await _expire(server, clock, kill, "step", float(at))
+        await until(lambda: len(incidents(tmp_path)) == 34, "34 incidents written")
+    assert len(reaper.incidents) == 32  # every one on disk, the latest 32 in memory
+    assert reaper.incidents[-1].time > reaper.incidents[0].time
+    assert reaper.incidents[0].path == sorted(tmp_path.glob("*.json"))[2]
+
+
+def test_the_incident_directory_keeps_its_budget_and_removes_only_its_own_oldest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    earlier = tmp_path / "incident-20200101T000000-pid1-2-3"  # an earlier run's: ours
+    for suffix in (".json", ".txt"):
+        earlier.with_suffix(suffix).write_text("{}")
+        os.utime(earlier.with_suffix(suffix), (1e9, 1e9))
+    theirs = ["notes.txt", "incident-notes.json", "incident-20200101T000000-pid1-2-3.json.bak"]
+    for name in theirs:
+        (tmp_path / name).write_text("keep me")
+        os.utime(tmp_path / name, (1e8, 1e8))
+    link = tmp_path / "incident-20200101T000000-pid1-2-4.json"  # named as ours, a link
+    link.symlink_to(tmp_path / "notes.txt")
+    other_user = tmp_path / "incident-20200101T000000-pid1-2-5.json"
+    other_user.write_text("{}")
+    os.utime(other_user, (1e8, 1e8))
+    if os.geteuid() == 0:
+        os.chown(other_user, 65534, 65534)  # named as ours, another user's
+    recorder = IncidentRecorder(tmp_path, max_incidents=3)
+    with caplog.at_level(logging.WARNING, logger="aiotimer"):
+        paths = [recorder.write(_incident(pid=100 + n)) for n in range(5)]
+    assert not earlier.with_suffix(".json").exists() and not earlier.with_suffix(".txt").exists()
+    assert [p.exists() and p.with_suffix(".txt").exists() for p in paths] == [False] * 2 + [
+        True
+    ] * 3
+    assert all((tmp_path / name).read_text() == "keep me" for name in theirs)
+    assert link.is_symlink() and (os.geteuid() != 0 or other_user.exists())
+    assert recorder.removed == 3 and recorder.kept == 3
+    warnings = [r.getMessage() for r in caplog.records if "over its budget" in r.getMessage()]
+    assert len(warnings) == 1 and "3 incidents" in warnings[0], warnings
+
+
+def test_the_incident_directory_keeps_its_byte_budget(tmp_path: Path) -> None:
+    one = IncidentRecorder(tmp_path / "one").write(_incident())
+    size = one.stat().st_size + one.with_suffix(".txt").stat().st_size
+    recorder = IncidentRecorder(tmp_path / "inc", max_incidents=None, max_bytes=size * 5 // 2)
+    paths = [recorder.write(_incident(pid=100 + n)) for n in range(4)]
+    assert [p.exists() for p in paths] == [False, False, True, True]
+    assert sum(f.stat().st_size for f in (tmp_path / "inc").iterdir()) <= size * 5 // 2
+    # A bad budget names itself.
+    with pytest.raises(ValueError, match="`max_incidents` must be an int >= 1, got 0"):
+        IncidentRecorder(tmp_path, max_incidents=0)
+
+
+async def test_a_timer_server_passes_its_incident_budget_on(tmp_path: Path) -> None:
+    async with TimerServer(incident_dir=tmp_path, max_incidents=7) as server:
+        reaper = server._incidents
+        assert reaper is not None and reaper.recorder is not None
+        assert reaper.recorder.max_incidents == 7
+        assert reaper.recorder.max_bytes == 1 << 30  # the default
