@@ -259,3 +259,38 @@ def test_bad_arguments_name_the_parameter_and_value() -> None:
     with pytest.raises(ValueError, match="give `path` or `stream`"):
         JsonEventLog()
 
+
+async def test_report_only_expiries_of_one_scope_are_one_line_with_a_count() -> None:
+    """Report-only torch requests (signal 0, deadline past) wrote 82 MB of event log in
+    10 s.  Now a process's repeats in one scope within the window are one line with a
+    count (and since when); another scope, or the first after a quiet window, is its own."""
+    out = io.StringIO()
+    clock = MockClock()
+    log = JsonEventLog(stream=out, clock=clock)  # a window of 10 s
+    async with TimerServer(clock=clock, reaper=RecordingReaper(), log_event=log) as server:
+        channel = server.local_channel()
+        for n in range(1, 41):  # 40 expiries of 'tick' in 5 s, report-only
+            channel.acquire(ME, "tick", n / 8, signal=-1)
+            await clock.advance(1 / 8)
+        channel.acquire(ME, "tock", 5.125, signal=-1)
+        await clock.advance(1 / 8)
+        await clock.advance(15.0)  # quiet: the window is over
+        channel.acquire(ME, "tick", 20.25, signal=-1)
+        await clock.advance(1 / 8)
+    log.close()
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["event"], r.get("scope"), r.get("count")) for r in records] == [
+        ("watchdog started", None, None),
+        ("timer expired", "tick", None),
+        ("timer expired", "tock", None),
+        ("timer expired", "tick", 39),  # written with the next event after its window
+        ("timer expired", "tick", 1),  # written when the watchdog stopped
+        ("watchdog stopped", None, None),
+    ]
+    summary = records[3]
+    assert summary["pid"] == ME and summary["deadline_monotonic"] == 5.0  # the last repeat's
+    # ``time`` is when each was logged: the first repeat's is ``since``, the last's ``time``
+    assert records[1]["time"] <= summary["since"] <= summary["time"] <= records[4]["time"]
+    assert summary["deadline"] == "2023-11-14T22:13:25.000000+00:00"
+    with pytest.raises(ValueError, match="`repeat_window` must be a finite number"):
+        JsonEventLog(stream=out, repeat_window=-1)
