@@ -25,7 +25,6 @@ import collections
 import datetime
 import json
 import os
-import signal as _signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +33,7 @@ from typing import IO
 from ._clock import Clock, SystemClock, monotonic_to_wall
 from ._events import TIMER_EXPIRED, WATCHDOG_STOPPED, Event, EventBus
 from ._ioplane import DEFAULT_BUDGET, FileSink, Sink
-from ._linux import environ_of
+from ._linux import environ_of, signal_name
 from ._validate import check_seconds
 
 __all__ = ["DEFAULT_REPEAT_WINDOW", "JsonEventLog"]
@@ -46,11 +45,10 @@ _MAX_WINDOWS = 4096
 
 
 def _signame(sig: object) -> object:
+    """A signal's name for the log; a number Python has no name for stays a number."""
     if isinstance(sig, int) and sig > 0:
-        try:
-            return _signal.Signals(sig).name
-        except ValueError:
-            return sig
+        name = signal_name(sig)
+        return sig if name == str(sig) else name
     return sig
 
 

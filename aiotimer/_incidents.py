@@ -63,7 +63,7 @@ from ._clock import Cancellable, Clock, monotonic_to_wall
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
 from ._ioplane import _executor, run_blocking
-from ._linux import environ_of, parent_pid
+from ._linux import environ_of, parent_pid, signal_name
 from ._reapers import SignalReaper
 from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy, printable, printable_lines
 from ._validate import check_count, check_seconds
@@ -227,13 +227,6 @@ def _facts(pid: int) -> _Facts:
         env.get("TORCHELASTIC_ERROR_FILE"),
         env.get("AIOTIMER_RESTART_COUNT") or env.get("TORCHELASTIC_RESTART_COUNT"),
     )
-
-
-def _signame(sig: int) -> str:
-    try:
-        return _signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
 
 
 class _Capture:
@@ -1351,9 +1344,9 @@ class IncidentReaper:
             incident.actions.append(
                 {
                     "step": "signal",
-                    "signal": _signame(sig),
+                    "signal": signal_name(sig),
                     "after_deadline": round(after, 6),
-                    "text": f"sent {_signame(sig)} {after:.3f}s after the deadline",
+                    "text": f"sent {signal_name(sig)} {after:.3f}s after the deadline",
                 }
             )
         return bool(new)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, NoReturn
 
-from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
+from ._incidents import DEFAULT_DUMP_TIMEOUT, DEFAULT_MAX_INCIDENTS, IncidentReaper
 from ._ioplane import SinkHandler, StreamSink
 from ._loops import loop_factory, pidfd_child_watcher
 from ._reapers import SignalReaper
@@ -183,6 +183,13 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         "cores; the kill goes out as soon as the stacks are in; 0: no stack capture)",
     )
     parser.add_argument(
+        "--max-incidents",
+        type=_count("--max-incidents", 0),
+        default=DEFAULT_MAX_INCIDENTS,
+        help="incidents the --incident-dir keeps; the oldest of ours go first, with a warning "
+        f"(default {DEFAULT_MAX_INCIDENTS}; 0: no bound)",
+    )
+    parser.add_argument(
         "--observe",
         action="store_true",
         help="record incidents and report expiries, but send no signal (to roll out deadlines)",
@@ -248,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N watched copies of a command",
         usage="aiotimer run [-n N] [--max-restarts R] [--restart-policy {group,rank}] "
         "[--stop-grace S] [--log-dir DIR] [--run-id ID] [--standalone] [--nnodes 1] "
-        "[--signal SIG] [--grace S] [--incident-dir DIR] "
-        "[--dump-timeout S] [--observe] [--event-log FILE] [--metrics-port PORT] "
+        "[--signal SIG] [--grace S] [--incident-dir DIR] [--dump-timeout S] "
+        "[--max-incidents N] [--observe] [--event-log FILE] [--metrics-port PORT] "
         "[--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] [--log-level LEVEL] "
         "-- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
@@ -327,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve torch FileTimerClients on a FIFO while a command (torchrun) runs",
         usage="aiotimer serve [--fifo PATH] [--root PID] [--signal SIG] [--grace S] "
-        "[--incident-dir DIR] [--dump-timeout S] [--observe] [--event-log FILE] "
+        "[--incident-dir DIR] [--dump-timeout S] [--max-incidents N] [--observe] "
+        "[--event-log FILE] "
         "[--metrics-port PORT] [--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] "
         "[--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
@@ -468,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kill=SignalReaper(args.signal, grace=args.grace),
         dump_timeout=args.dump_timeout,
         observe=args.observe,
+        max_incidents=args.max_incidents or None,
     )
     try:
         if args.command == "serve":

@@ -58,7 +58,13 @@ from ._events import (
 )
 from ._expiry import Reaper
 from ._ioplane import FileSink, StreamSink, run_blocking
-from ._linux import become_subreaper, descendants, environ_of, live_processes
+from ._linux import (
+    become_subreaper,
+    descendants,
+    environ_of,
+    live_processes,
+    signal_name,
+)
 from ._metrics import MetricsServer
 from ._protocol import ENV_SOCKET
 from ._server import TimerServer
@@ -148,13 +154,6 @@ def serve_metrics(
         ) from None
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"--metrics-port {port}: {exc}") from None
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,7 @@ class RankResult:
         if self.returncode is None:
             status = "did not start"
         elif self.returncode < 0:
-            status = f"killed by {_signal_name(-self.returncode)}"
+            status = f"killed by {signal_name(-self.returncode)}"
         else:
             status = f"exit status {self.returncode}"
         return f"its watchdog fired, then {status}" if self.expired else status
@@ -432,13 +431,13 @@ def describe(event: Event, who: Who) -> str | None:
         )
     if isinstance(event, KillWorkerProcess):
         return (
-            f"sent {_signal_name(event.signal)} to {who(event.pid, event.worker_pid)} "
+            f"sent {signal_name(event.signal)} to {who(event.pid, event.worker_pid)} "
             f"({event.latency * 1e3:.2f} ms after the deadline)"
         )
     if isinstance(event, SignalSent):  # an escalation: SIGTERM, the grace, then this
         return (
             f"{who(event.pid, event.worker_pid)} still running {event.latency:.2f}s after the "
-            f"deadline: sent {_signal_name(event.signal)}"
+            f"deadline: sent {signal_name(event.signal)}"
         )
     if isinstance(event, RequestRejected):
         return f"rejected a request on {event.channel}: {event.reason}"
@@ -500,7 +499,6 @@ class _Rank:
     attempt: int
     #: its TORCHELASTIC_ERROR_FILE (``None``: none could be made)
     error_file: str | None
-    expired_scopes: list[str] = field(default_factory=list)
     #: why the launcher is stopping it, once it is (its exit is then no failure)
     stopping: str | None = None
     #: when it failed (``time.monotonic()``): its timer expired, or it exited != 0
@@ -508,6 +506,11 @@ class _Rank:
     error: TorchError | None = None
     #: its incident's summary line and ``.txt`` file
     incident: tuple[str, str | None] | None = None
+
+    @property
+    def expired_scopes(self) -> list[str]:
+        """Its worker's expired scopes: the watchdog's own record, not rebuilt from events."""
+        return self.worker.expired_scopes
 
 
 class Job:
@@ -594,7 +597,7 @@ class Job:
         Once the job has ended and its metrics linger, a stop ends the linger.
         """
         if self._lingering:
-            self.output.say(f"got {_signal_name(signum)}: the metrics linger no longer")
+            self.output.say(f"got {signal_name(signum)}: the metrics linger no longer")
             self._stopped.set()
             return
         if self._stop_signal:
@@ -603,9 +606,9 @@ class Job:
                 rank.worker.kill()
             return
         self._stop_signal = signum
-        self._stopping_all(f"the launcher got {_signal_name(signum)}")
+        self._stopping_all(f"the launcher got {signal_name(signum)}")
         self.output.say(
-            f"got {_signal_name(signum)}: stopping every rank (SIGTERM, then SIGKILL after "
+            f"got {signal_name(signum)}: stopping every rank (SIGTERM, then SIGKILL after "
             f"{self.stop_grace:g}s)"
         )
         self._stopped.set()
@@ -627,10 +630,8 @@ class Job:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, TimerExpired) and event.pid == event.worker_pid:
             rank = self._live.get(event.pid) if event.pid is not None else None
-            if rank is not None:
-                rank.expired_scopes.append(event.scope)
-                if not self._observe:  # an observed expiry fails nothing
-                    self._failed(rank)
+            if rank is not None and not self._observe:  # an observed expiry fails nothing
+                self._failed(rank)
         elif isinstance(event, IncidentRecorded):
             self._incidents.add(event.worker_pid)
             self._incident_recorded.set()
@@ -735,7 +736,7 @@ class Job:
         rank = _Rank(result, worker, token, relays, exit, attempt, error_file)
         exit.add_done_callback(lambda _: self._exited(rank))
         if self._stop_signal:  # a stop came while it started
-            rank.stopping = f"the launcher got {_signal_name(self._stop_signal)}"
+            rank.stopping = f"the launcher got {signal_name(self._stop_signal)}"
         self._live[worker.pid] = rank
         self._last[result.rank] = rank
         return rank
@@ -803,11 +804,9 @@ class Job:
         result = rank.result
         result.returncode = rank.worker.returncode
         result.pid = rank.worker.pid
-        result.expired = bool(rank.expired_scopes) or rank.worker.killed_by_watchdog
+        result.expired = bool(rank.expired_scopes) and not self._observe
         if self._observe:  # expiries were recorded, not enforced: they fail nothing
             result.observed += [f"attempt {attempt} in {s}" for s in rank.expired_scopes]
-            result.expired = False
-            rank.expired_scopes.clear()
         if result.expired:
             scopes = ", ".join(dict.fromkeys(rank.expired_scopes)) or "?"
             result.watchdog_kills.append(f"attempt {attempt} in {scopes}")
@@ -1015,7 +1014,7 @@ class Job:
             first = next((r for r in last if not r.result.ok and r.result.stopped is None), None)
         if first is None:
             if self._stop_signal:
-                return [f"Root cause: the launcher got {_signal_name(self._stop_signal)}"]
+                return [f"Root cause: the launcher got {signal_name(self._stop_signal)}"]
             return ["Root cause: unknown"]
         result = first.result
         lines = [

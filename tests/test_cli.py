@@ -58,6 +58,7 @@ def one_line_exit_2(result: subprocess.CompletedProcess[str], message: str) -> N
         (["run", "--nnodes=0:1", "--", "true"], "0 < MIN <= MAX, got '0:1'"),
         (["run", "--nnodes=1:2:3", "--", "true"], "0 < MIN <= MAX, got '1:2:3'"),
         (["run", "--run-id=", "--", "true"], "--run-id must be a non-empty printable string"),
+        (["run", "--max-incidents", "-1", "--", "true"], "--max-incidents must be >= 0, got -1"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2_and_name_the_problem(
@@ -218,3 +219,26 @@ def test_torchruns_spellings_and_a_lowercase_log_level(spelling: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("2\n") == 2
+
+
+@pytest.mark.slow
+def test_max_incidents_keeps_the_newest_of_ours_and_no_other_file(tmp_path: Path) -> None:
+    """Issue 18, item 6: ``--max-incidents N`` rotates the directory, oldest of ours first."""
+    incidents = tmp_path / "inc"
+    incidents.mkdir()
+    for n in range(3):  # three old incidents of an earlier job
+        for suffix in ("json", "txt"):
+            old = incidents / f"incident-20200101T00000{n}-pid1-1-{n}.{suffix}"
+            old.write_text("{}" if suffix == "json" else "old\n")
+            os.utime(old, (1.6e9 + n, 1.6e9 + n))
+    (incidents / "notes.txt").write_text("mine\n")
+    code = "import time, aiotimer\nwith aiotimer.expires(after=0.2):\n    time.sleep(60)"
+    result = aiotimer_cli(
+        "run", "--max-incidents", "2", "--dump-timeout", "0", "--incident-dir", str(incidents),
+        "--", sys.executable, "-c", code,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stderr
+    kept = sorted(p.name for p in incidents.glob("incident-*.json"))
+    assert len(kept) == 2 and kept[0] == "incident-20200101T000002-pid1-1-2.json", kept
+    assert (incidents / "notes.txt").read_text() == "mine\n"  # never another file
+    assert "is over its budget (2 incidents" in result.stderr, result.stderr
