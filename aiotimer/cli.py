@@ -228,6 +228,14 @@ def _add_reaper_options(parser: argparse.ArgumentParser) -> None:
         "--realtime warns if it is not)",
     )
     parser.add_argument(
+        "--cgroup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each rank's attempt (serve: the command) in a cgroup v2 of its own, ended "
+        "with cgroup.kill, so nothing it started outlives it (default: where permitted, as "
+        "root or with a delegated cgroup; else process groups and the job token)",
+    )
+    parser.add_argument(
         "--dump-stacks",
         action="store_true",
         help="(deprecated: every expiry's stacks are captured into its incident)",
@@ -257,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "[--stop-grace S] [--log-dir DIR] [--run-id ID] [--standalone] [--nnodes 1] "
         "[--signal SIG] [--grace S] [--incident-dir DIR] [--dump-timeout S] "
         "[--max-incidents N] [--observe] [--event-log FILE] [--metrics-port PORT] "
-        "[--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] [--log-level LEVEL] "
+        "[--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] [--[no-]cgroup] "
+        "[--log-level LEVEL] "
         "-- CMD [ARGS...]",
         description="Run N copies of CMD as watched workers, with torchrun's environment "
         "(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, TORCHELASTIC_RUN_ID, "
@@ -337,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "[--incident-dir DIR] [--dump-timeout S] [--max-incidents N] [--observe] "
         "[--event-log FILE] "
         "[--metrics-port PORT] [--metrics-host HOST] [--metrics-linger S] [--[no-]realtime] "
-        "[--log-level LEVEL] -- CMD [ARGS...]",
+        "[--[no-]cgroup] [--log-level LEVEL] -- CMD [ARGS...]",
         description="Create a FIFO, serve torch's FileTimerClient requests on it, and run "
         "CMD with TORCHELASTIC_TIMER_FILE set to it (torchrun passes it to its workers); "
         "aiotimer's own expires/timer in CMD's processes connect to a socket, named in "
@@ -496,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         event_log=args.event_log,
                         metrics_port=args.metrics_port,
                         metrics_host=args.metrics_host,
+                        metrics_linger=args.metrics_linger,
                         realtime=_realtime(args.realtime),
+                        cgroup=args.cgroup,
                     )
                 )
             finally:
@@ -519,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_host=args.metrics_host,
             metrics_linger=args.metrics_linger,
             realtime=_realtime(args.realtime),
+            cgroup=args.cgroup,
             output=output,
             run_id=args.run_id,
         )

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from ._cgroup import JobCgroup, kill_cgroup
 from ._eventlog import JsonEventLog
 from ._events import (
     Event,
@@ -55,6 +56,7 @@ from ._events import (
     RequestRejected,
     SignalSent,
     TimerExpired,
+    logger,
 )
 from ._expiry import Reaper
 from ._ioplane import FileSink, StreamSink, run_blocking
@@ -506,6 +508,8 @@ class _Rank:
     error: TorchError | None = None
     #: its incident's summary line and ``.txt`` file
     incident: tuple[str, str | None] | None = None
+    #: the cgroup it runs in (``None``: cgroups cannot be used here)
+    cgroup: Path | None = None
 
     @property
     def expired_scopes(self) -> list[str]:
@@ -521,7 +525,10 @@ class Job:
     ``torchrun --standalone`` makes).  Each rank and attempt gets a
     ``TORCHELASTIC_ERROR_FILE``: ``log_dir/attempt_K/RANK/error.json``, or the
     same in a private directory (``mkdtemp``) that is removed at the end unless
-    an error file was written in it.
+    an error file was written in it.  ``cgroup``: each rank's attempt runs in a
+    cgroup v2 of its own, ended with ``cgroup.kill`` (where permitted; see
+    ``_cgroup``), so nothing it started outlives it, whatever it did to leave
+    its process group.
     """
 
     def __init__(
@@ -540,6 +547,7 @@ class Job:
         metrics_host: str = "127.0.0.1",
         metrics_linger: float = 0.0,
         realtime: bool | Literal["auto"] = "auto",
+        cgroup: bool = True,
         run_id: str | None = None,
     ) -> None:
         if not command:
@@ -562,6 +570,8 @@ class Job:
         self.metrics_host = metrics_host
         self.metrics_linger = metrics_linger
         self.realtime = realtime
+        self.cgroup = cgroup
+        self._cgroup: JobCgroup | None = None
         #: ranks started again so far (``aiotimer_restarts_total``): a group restart of
         #: N ranks counts N, a restart of one rank (``restart_policy="rank"``) counts 1
         self.restarts = 0
@@ -711,8 +721,13 @@ class Job:
         token = f"{self._job_id}/{result.rank}/{attempt}"
         error_file = await self._error_file(result.rank, attempt)
         pipe = asyncio.subprocess.PIPE
+        argv = list(self.command)
+        cgroup = None
+        if self._cgroup is not None:
+            cgroup = await run_blocking(self._cgroup.rank, result.rank, attempt)
+            argv = JobCgroup.enter(cgroup, argv)
         worker = await server.spawn(
-            *self.command,
+            *argv,
             env=self._environment(result.rank, attempt, master_port, token, error_file),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=pipe,
@@ -733,7 +748,7 @@ class Job:
             )
         ]
         exit = asyncio.ensure_future(worker.wait())
-        rank = _Rank(result, worker, token, relays, exit, attempt, error_file)
+        rank = _Rank(result, worker, token, relays, exit, attempt, error_file, cgroup=cgroup)
         exit.add_done_callback(lambda _: self._exited(rank))
         if self._stop_signal:  # a stop came while it started
             rank.stopping = f"the launcher got {signal_name(self._stop_signal)}"
@@ -781,7 +796,11 @@ class Job:
                 rank.worker.kill()
         for rank in ranks:
             await rank.worker.wait()
-        # A /proc scan and waits for the dying: the I/O plane's, not the loop's.
+        # What they left: their cgroups hold all of it; a /proc scan finds what it can
+        # where there are none.  Both block: the I/O plane's, not the loop's.
+        for rank in ranks:
+            if rank.cgroup is not None:
+                await run_blocking(kill_cgroup, rank.cgroup)
         await run_blocking(
             kill_descendants, {r.worker.pid for r in ranks}, {r.token for r in ranks}
         )
@@ -937,6 +956,8 @@ class Job:
         status: int | None = None
         try:
             await self._prepare()
+            if self.cgroup:
+                self._cgroup = await _job_cgroup(f"aiotimer-{self._job_id}")
             async with TimerServer(
                 reaper=self._reaper, log_event=log, realtime=self.realtime
             ) as server:
@@ -970,6 +991,8 @@ class Job:
                 await run_blocking(log.close)
             if self._logs is not None:
                 await run_blocking(self._logs.close)
+            if self._cgroup is not None:
+                await run_blocking(self._cgroup.close)
             await self._discard_error_dir()
         if status is None:
             status = self._summary()
@@ -1062,6 +1085,20 @@ async def _linger(url: str, seconds: float, err: StreamSink) -> None:
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+async def _job_cgroup(name: str) -> JobCgroup | None:
+    """The job's cgroup, or ``None`` (said once, at info level: it is the common case
+    for an unprivileged user, and process groups and tokens still work)."""
+    made = await run_blocking(JobCgroup.create, name)
+    if isinstance(made, str):
+        logger.info(
+            "no cgroup for the job (%s): what ranks leave behind is found by process "
+            "group, ancestry and job token",
+            made,
+        )
+        return None
+    return made
 
 
 def kill_descendants(workers: set[int], tokens: set[str]) -> int:
@@ -1164,6 +1201,7 @@ async def serve_command(
     metrics_host: str = "127.0.0.1",
     metrics_linger: float = 0.0,
     realtime: bool | Literal["auto"] = "auto",
+    cgroup: bool = True,
 ) -> int:
     """Serve torch timer clients on ``fifo`` while ``command`` runs; return its exit status.
 
@@ -1171,7 +1209,9 @@ async def serve_command(
     torchrun hands on to every worker, so workers that use torch's own
     ``FileTimerClient`` are served by aiotimer.  SIGTERM, SIGINT, SIGHUP and SIGQUIT
     are passed on to the command; what it leaves behind is killed when it exits.
-    ``realtime``: as ``TimerServer``'s (``"auto"``: the boost where permitted).
+    ``realtime``: as ``TimerServer``'s (``"auto"``: the boost where permitted).  ``cgroup``:
+    the command runs in a cgroup v2 of its own where permitted, killed with
+    ``cgroup.kill`` when it exits (see ``Job``).
     """
     from .transports.fifo import check_fifo_path, listen_fifo
 
@@ -1212,7 +1252,11 @@ async def serve_command(
                 b"serves torch's timer clients on TORCHELASTIC_TIMER_FILE itself (torchrun "
                 b"would start a second server on it)\n"
             )
-        child = await server.spawn(program, *command[1:], env=env)
+        job = await _job_cgroup(f"aiotimer-{token[:12]}") if cgroup else None
+        argv = [program, *command[1:]]
+        if job is not None:  # torchrun, its agent, its ranks and whatever they start
+            argv = JobCgroup.enter(await run_blocking(job.rank, 0, 0), argv)
+        child = await server.spawn(*argv, env=env)
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, child.send_signal, sig)
@@ -1221,6 +1265,8 @@ async def serve_command(
         finally:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            if job is not None:
+                await run_blocking(job.close)
             await run_blocking(kill_descendants, {child.pid}, {token})
         if metrics is not None and metrics_linger > 0:
             await _linger(metrics.url, metrics_linger, err)

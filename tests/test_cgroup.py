@@ -157,3 +157,109 @@ def test_a_bad_name_is_refused_by_name() -> None:
 
 def test_killing_a_cgroup_that_is_gone_counts_nothing(tmp_path: Path) -> None:
     assert kill_cgroup(tmp_path / "gone") == 0
+
+
+# -- the launcher: `aiotimer run` and `aiotimer serve` ------------------------------
+
+# A rank that starts a daemon which leaves its process group, session, parent and
+# environment (so no token finds it), writes the daemon's pid to argv[1], and exits
+# (or, with argv[2] == "stay", sleeps).
+RANK = textwrap.dedent(
+    """
+    import os, sys, time
+    r, w = os.pipe()  # close-on-exec: EOF once the daemon runs sleep
+    pr, pw = os.pipe()  # the daemon's pid
+    if os.fork() == 0:
+        os.setsid()
+        daemon = os.fork()
+        if daemon == 0:
+            os.execve("/bin/sleep", ["sleep", "300"], {})
+        os.write(pw, str(daemon).encode())
+        os._exit(0)
+    os.close(w)
+    os.close(pw)
+    os.wait()
+    os.read(r, 1)
+    daemon = os.read(pr, 64).decode()
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(daemon)
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    if sys.argv[2:] == ["stay"]:
+        time.sleep(300)
+    """
+)
+
+
+def _launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "aiotimer", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _daemons(pidfile: Path) -> set[int]:
+    assert _until(pidfile.exists), "the rank did not start its daemon"
+    pids = {int(p) for p in pidfile.read_text().split()}
+    assert pids, "no daemon found"
+    return pids
+
+
+def _cleanup(pids: set[int]) -> None:
+    for pid in pids & _sleepers():
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_what_a_rank_left_behind_dies_with_the_job(tmp_path: Path, command: str) -> None:
+    _job().close()  # skips where cgroups cannot be used
+    pidfile = tmp_path / "daemon.pid"
+    proc = _launch(tmp_path, command, "--", sys.executable, "-c", RANK, str(pidfile))
+    try:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        daemons = _daemons(pidfile)
+        assert _until(lambda: not daemons & _sleepers()), "the daemon outlived the job"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pidfile.exists():
+            _cleanup({int(p) for p in pidfile.read_text().split()})
+
+
+def test_without_cgroups_such_a_daemon_escapes(tmp_path: Path) -> None:
+    """What ``--no-cgroup`` (or an unprivileged user) leaves: the process groups and
+    the token cannot find a daemon that left both (the reason for cgroups)."""
+    pidfile = tmp_path / "daemon.pid"
+    proc = _launch(tmp_path, "run", "--no-cgroup", "--", sys.executable, "-c", RANK, str(pidfile))
+    daemons: set[int] = set()
+    try:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        daemons = _daemons(pidfile)
+        assert daemons <= _sleepers()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _cleanup(daemons)
+
+
+def test_a_sigkilled_launchers_ranks_leave_nothing_behind(tmp_path: Path) -> None:
+    _job().close()
+    pidfile = tmp_path / "daemon.pid"
+    proc = _launch(tmp_path, "run", "--", sys.executable, "-c", RANK, str(pidfile), "stay")
+    daemons: set[int] = set()
+    try:
+        daemons = _daemons(pidfile)
+        proc.kill()  # no chance to clean up: the keeper does
+        proc.communicate(timeout=60)
+        assert _until(lambda: not daemons & _sleepers()), "the daemon outlived the launcher"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _cleanup(daemons)
