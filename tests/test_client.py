@@ -375,12 +375,15 @@ def test_a_full_backlog_is_waited_for_within_the_connect_timeout(tmp_path: Path)
             aiotimer.SocketClient(path, connect_timeout=0.3).release("s")
         assert time.monotonic() - started >= 0.25
 
+        accepted: list[socket.socket] = []
+
         def serve() -> None:  # room in the backlog after 0.2 s, and a welcome for each
             time.sleep(0.2)
             for _ in range(len(fillers) + 1):
                 conn, _ = listener.accept()
                 conn.sendall(encode_reply(Reply(True, os.getpid(), 0, "")))
-                conn.close()
+                # Kept open: closed at once, the client's greeting could meet EPIPE.
+                accepted.append(conn)
 
         thread = threading.Thread(target=serve)
         thread.start()
@@ -388,6 +391,8 @@ def test_a_full_backlog_is_waited_for_within_the_connect_timeout(tmp_path: Path)
         client.release("s")
         client.close()
         thread.join()
+        for conn in accepted:
+            conn.close()
     finally:
         for filler in fillers:
             filler.close()

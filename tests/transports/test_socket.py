@@ -351,12 +351,13 @@ async def test_a_client_connects_once_more_to_a_restarted_server(tmp_path: Path)
             stderr=asyncio.subprocess.STDOUT,
         )
 
-    restarted, gone = await client(), await client()
-    for proc in (restarted, gone):
-        assert proc.stdin is not None and proc.stdout is not None
+    procs: list[asyncio.subprocess.Process] = []
     try:
         async with TimerServer() as server:
             await listen_socket(server, path)
+            # Started once the socket is there: a client that came first would be told
+            # that no server listens (CI once started them before it was).
+            restarted, gone = procs[:] = [await client(), await client()]
             for proc in (restarted, gone):
                 assert proc.stdout is not None
                 assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"first\n"
@@ -373,7 +374,7 @@ async def test_a_client_connects_once_more_to_a_restarted_server(tmp_path: Path)
             assert restarted.returncode == 0 and "second" in out, out
             assert listener.accepted == 1
     finally:
-        for proc in (restarted, gone):
+        for proc in procs:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
