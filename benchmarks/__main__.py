@@ -2,7 +2,7 @@
 
     python -m benchmarks            # the full run (several minutes), into benchmarks/results/local/
     python -m benchmarks --quick    # every figure, small sizes (about a minute)
-    python -m benchmarks --publish  # a full run that updates the README's table and chart
+    python -m benchmarks --publish  # a full run that updates docs/benchmarks.md's tables and chart
 
 Scenarios: kill (kill latency vs the floor), throughput, scale, idle, client;
 aiotimer's rows run on asyncio and on uvloop.  Prints tables with progress on
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -31,9 +32,16 @@ from . import client, hardening, idle, isolation, kill, scale, throughput
 from ._stats import median, summarize_ms
 
 ROOT = Path(__file__).resolve().parent.parent
-#: What the README publishes: only ``--publish`` writes here.
+#: What the docs publish: only ``--publish`` writes here.
 PUBLISHED = ROOT / "benchmarks" / "results"
 PUBLISHED_CHART = ROOT / "docs" / "benchmark.png"
+#: The page that shows the published tables, between these two lines (``--publish`` rewrites
+#: what lies between them and nothing else).
+PUBLISHED_PAGE = ROOT / "docs" / "benchmarks.md"
+PUBLISHED_BEGIN = (
+    "<!-- published tables: begin (python -m benchmarks --publish writes what follows) -->"
+)
+PUBLISHED_END = "<!-- published tables: end -->"
 SCENARIOS = (
     "kill",
     "throughput",
@@ -111,6 +119,48 @@ class Report:
             ]
             out += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(out) + "\n"
+
+
+def published_tables(latest_md: str, commit: str | None) -> str:
+    """``latest.md`` as the benchmarks page shows it: each table's bold title a heading (the
+    page links to them), and the first line naming the commit measured."""
+    header, _, tables = latest_md.partition("\n")
+    if commit and header.endswith("."):
+        header = f"{header[:-1]}, at commit {commit}."
+    lines = [
+        f"#### {line[2:-2]}" if line.startswith("**") and line.endswith("**") else line
+        for line in tables.rstrip("\n").split("\n")
+    ]
+    return "\n".join([header, *lines])
+
+
+def publish_into(page: str, tables: str) -> str:
+    """``page`` with what lies between its published-tables lines replaced by ``tables``.
+
+    Raises ``ValueError`` unless the page has each line exactly once, begin before end."""
+    begin, end = page.count(PUBLISHED_BEGIN), page.count(PUBLISHED_END)
+    if begin != 1 or end != 1 or page.index(PUBLISHED_BEGIN) > page.index(PUBLISHED_END):
+        raise ValueError(
+            f"the page needs the line {PUBLISHED_BEGIN!r} once, then {PUBLISHED_END!r} once"
+        )
+    head, rest = page.split(PUBLISHED_BEGIN)
+    _, tail = rest.split(PUBLISHED_END)
+    return f"{head}{PUBLISHED_BEGIN}\n\n{tables.strip()}\n\n{PUBLISHED_END}{tail}"
+
+
+def git_commit() -> str | None:
+    """The short hash of the commit measured, if this is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -878,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--publish",
         action="store_true",
-        help="write the README's published table and chart (a full run only)",
+        help="write the published tables (docs/benchmarks.md) and chart (a full run only)",
     )
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the chart from --out's latest.json"
@@ -886,6 +936,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.publish and args.quick:
         parser.error("--publish: only a full run updates the published figures, not --quick")
+    if args.publish:
+        try:  # before a run of many minutes, not after it
+            publish_into(PUBLISHED_PAGE.read_text(), "")
+        except (OSError, ValueError) as e:
+            parser.error(f"--publish: {PUBLISHED_PAGE}: {e}")
     if args.out is None:
         args.out = PUBLISHED if args.publish else ROOT / "benchmarks" / "results" / "local"
     if args.chart is None:
@@ -958,10 +1013,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "latest.json").write_text(json.dumps(results, indent=1))
     header = f"Measured on {machine} with `{command.strip()}` ({elapsed:.0f} s)."
     (args.out / "latest.md").write_text(report.markdown(header))
+    if args.publish:
+        tables = published_tables(report.markdown(header), git_commit())
+        PUBLISHED_PAGE.write_text(publish_into(PUBLISHED_PAGE.read_text(), tables))
     drew = chart(rows, args.chart, machine)
     print(
         f"\n{elapsed:.0f} s; results in {args.out / 'latest.json'} and {args.out / 'latest.md'}"
         + (f"; chart in {args.chart}" if drew else "")
+        + (f"; tables in {PUBLISHED_PAGE}" if args.publish else "")
     )
     return 0
 
