@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ._expiry import Reaper as Reaper
     from ._heap import DeadlineHeap as DeadlineHeap
     from ._heap import Timer as Timer
-    from ._incidents import Incident as Incident
+    from ._incident import Incident as Incident
     from ._incidents import IncidentReaper as IncidentReaper
     from ._metrics import MetricsServer as MetricsServer
     from ._reapers import SignalReaper as SignalReaper
@@ -94,7 +94,7 @@ _WHERE = {
     "Reaper": "._expiry",
     "DeadlineHeap": "._heap",
     "Timer": "._heap",
-    "Incident": "._incidents",
+    "Incident": "._incident",
     "IncidentReaper": "._incidents",
     "MetricsServer": "._metrics",
     "SignalReaper": "._reapers",

@@ -38,53 +38,35 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import datetime
-import itertools
-import json
 import math
 import os
-import re
 import shutil
 import signal as _signal
-import socket
-import stat
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._clock import Cancellable, Clock, monotonic_to_wall
+from ._errorfile import error_file_source, owner_of, try_error_file
 from ._events import EVENT_LOGGED, logger
 from ._expiry import Expiry, Reaper
+from ._incident import Incident, likely_culprit
 from ._ioplane import _executor, run_blocking
-from ._linux import environ_of, parent_pid, signal_name
+from ._linux import environ_of, signal_name
 from ._reapers import SignalReaper
-from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy, printable, printable_lines
-from ._validate import check_count, check_seconds
+from ._recorder import DEFAULT_MAX_INCIDENT_BYTES, DEFAULT_MAX_INCIDENTS, IncidentRecorder
+from ._stacks import Stacks, capture_stacks, dump_file, find_py_spy
+from ._validate import check_seconds
 
-__all__ = [
-    "DEFAULT_DUMP_TIMEOUT",
-    "DEFAULT_MAX_INCIDENTS",
-    "DEFAULT_MAX_INCIDENT_BYTES",
-    "DEFAULT_REPEAT_WINDOW",
-    "Incident",
-    "IncidentReaper",
-    "IncidentRecorder",
-    "likely_culprit",
-    "write_torch_error_file",
-]
+__all__ = ["DEFAULT_DUMP_TIMEOUT", "DEFAULT_REPEAT_WINDOW", "IncidentReaper"]
 
 #: Seconds after a deadline by which the kill goes out, captured or not.  Measured
 #: (``py-spy dump --native``, torch 2.13, 2 cores both kept busy, two runs of 20
 #: dumps): an idle torch process 0.1-0.8 s, a gloo rank waiting in ``all_reduce``
 #: 0.6-1.4 s, both ranks of a 2-rank job at once 0.8-1.9 s (p90 1.4-1.9 s), 3.7 s
-#: at worst (README, Incidents).  The kill goes out as soon as the capture is in:
+#: at worst (docs/incidents.md).  The kill goes out as soon as the capture is in:
 #: the bound is reached only when it is slow.
 DEFAULT_DUMP_TIMEOUT = 5.0
 # The other processes' captures may run this much longer than the hung one's:
@@ -95,16 +77,8 @@ _OTHERS_MAX = 32
 # A capture is shared with every incident that wants it while it runs and for
 # this long after it finished (one burst); each incident says when it was taken.
 _SHARE_FOR = 2.0
-# Python files whose frames are a collective (the innermost one names it).
-_COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py",)
 # Most bytes of a /proc file (cmdline) read: a process controls its own.
 _PROC_BYTES = 64 * 1024
-_seq = itertools.count(1)
-#: Incidents an incident directory keeps (each a ``.json`` and its ``.txt``); over it,
-#: aiotimer's own oldest ``incident-*`` files are removed.
-DEFAULT_MAX_INCIDENTS = 1000
-#: Bytes of incidents an incident directory keeps; over it, the oldest are removed.
-DEFAULT_MAX_INCIDENT_BYTES = 1 << 30
 #: Seconds after an incident within which the same process expiring again in the same
 #: scope is counted in that incident (``repeats``) instead of making another.
 DEFAULT_REPEAT_WINDOW = 60.0
@@ -117,15 +91,6 @@ _NEW_PER_PROCESS = 8
 _MAX_RECENT = 256
 # Incidents kept in memory (``IncidentReaper.incidents``); the rest are on disk.
 _KEEP_INCIDENTS = 32
-# Most parents walked from a hung process up to its worker.
-_MAX_ANCESTRY = 64
-# The names IncidentRecorder gives (no other file of the directory is ever removed).
-_OURS = re.compile(r"incident-\d{8}T\d{6}-pid\d+-\d+-\d+")
-
-
-def _iso(wall: float) -> str:
-    moment = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -148,68 +113,6 @@ class _Facts:
     torch_error_file: str | None = None
     #: the attempt (restart count, from 0) it belongs to, as its launcher said
     attempt: str | None = None
-
-
-@dataclass(frozen=True)
-class _Owner:
-    """Whom a process acts as on files: its filesystem uid and gid, and its groups."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-
-def _owner_of(pid: int) -> _Owner | None:
-    """``pid``'s file credentials from ``/proc/PID/status``; ``None`` if it is gone.
-
-    Blocks: the I/O plane's.
-    """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            raw = f.read(_PROC_BYTES)
-    except OSError:
-        return None
-    fields: dict[str, list[str]] = {}
-    for line in raw.decode(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        if key in ("Uid", "Gid", "Groups"):
-            fields[key] = value.split()
-    try:
-        # real, effective, saved, filesystem: the kernel checks files against the last
-        return _Owner(
-            int(fields["Uid"][3]), int(fields["Gid"][3]), tuple(map(int, fields["Groups"]))
-        )
-    except (KeyError, IndexError, ValueError):
-        return None
-
-
-def _error_file_source(pid: int, worker_pid: int | None, own: str | None) -> tuple[str | None, int]:
-    """torch's error file for ``pid`` as its launcher set it, and whose environment says so.
-
-    When ``pid`` descends from its spawned worker ``worker_pid``, the value is
-    the one of the first process on the way down from the worker that has
-    ``TORCHELASTIC_ERROR_FILE``: the worker itself under ``aiotimer run``, the
-    rank torchrun's agent started under ``serve -- torchrun``.  A descendant's
-    own value never overrides its ancestors'.  Otherwise (no worker, or it is
-    no longer an ancestor): ``own``, ``pid``'s own.  Blocks: the I/O plane's.
-    """
-    chain = [pid]
-    if worker_pid is not None and worker_pid != pid:
-        at: int | None = pid
-        for _ in range(_MAX_ANCESTRY):
-            at = parent_pid(at) if at is not None else None
-            if at is None or at <= 1:
-                break
-            chain.append(at)
-            if at == worker_pid:
-                break
-        if chain[-1] != worker_pid:
-            chain = [pid]
-    for ancestor in reversed(chain[1:]):
-        value = environ_of(ancestor).get("TORCHELASTIC_ERROR_FILE")
-        if value:
-            return value, ancestor
-    return own, pid
 
 
 def _process_of(expiry: Expiry) -> object:
@@ -299,507 +202,6 @@ class _Recent:
         self.written = 0
         self.last_write = -math.inf
         self.handle: Cancellable | None = None
-
-
-def _taken_text(taken: object) -> str:
-    """``taken at the deadline +0.012s, done +0.188s`` (for the incident's text)."""
-    if not isinstance(taken, dict) or not isinstance(taken.get("after_deadline"), float):
-        return ""
-
-    def seconds(value: float) -> str:
-        return f"{round(value, 3) + 0.0:+.3f}s"  # + 0.0: never "-0.000s"
-
-    text = f"taken at the deadline {seconds(taken['after_deadline'])}"
-    done = taken.get("done_after_deadline")
-    return text + (f", done {seconds(done)}" if isinstance(done, float) else ", not done")
-
-
-def _collective(stacks: Stacks) -> str | None:
-    """The collective a process waits in (torch.distributed's function), if any."""
-    for thread in stacks.threads:
-        for frame in thread.frames:  # innermost first
-            if not frame.native and frame.file.replace("\\", "/").endswith(_COLLECTIVE_FILES):
-                return frame.function
-    return None
-
-
-def likely_culprit(processes: Iterable[tuple[int, str | None, Stacks | None]]) -> str | None:
-    """The likely culprit (``rank R (pid P), the only rank not in C, ...``), or ``None``.
-
-    ``processes``: each process of the job as ``(pid, rank, stacks)``.  A rank is
-    in a collective if any of its processes' stacks is in one
-    (``torch.distributed``'s ``all_reduce``, ``barrier``, ...).  Said only when
-    every rank's stacks are known, all but one rank wait in the same
-    collective, and that one waits in none: the rank that never joined.
-    """
-    ranks: dict[str, list[tuple[int, Stacks | None]]] = {}
-    for pid, rank, stacks in processes:
-        if rank is not None:
-            ranks.setdefault(rank, []).append((pid, stacks))
-    inside: dict[str, str] = {}
-    outside: list[str] = []
-    for rank, members in ranks.items():
-        known = [stacks for _, stacks in members if stacks is not None and stacks.ok]
-        if not known:
-            return None  # a rank we know nothing of could be the culprit as well
-        found = next((c for c in map(_collective, known) if c is not None), None)
-        if found is None:
-            outside.append(rank)
-        else:
-            inside[rank] = found
-    if len(outside) != 1 or not inside or len(set(inside.values())) != 1:
-        return None
-    (rank,) = outside
-    (collective,) = set(inside.values())
-    pid, stacks = next((p, s) for p, s in ranks[rank] if s is not None and s.ok)
-    assert stacks is not None
-    top = stacks.top()
-    where = f"; it is in {top.function} ({top.file}:{top.line})" if top is not None else ""
-    waiting = ", ".join(sorted(inside, key=lambda r: (len(r), r)))
-    return printable(
-        f"rank {rank} (pid {pid}), the only rank not in {collective}, where "
-        f"rank{'s' if len(inside) > 1 else ''} {waiting} wait{'' if len(inside) > 1 else 's'}"
-        f"{where}"
-    )
-
-
-@dataclass
-class Incident:
-    """Everything known about one expiry: who hung, where, what was done about it."""
-
-    pid: int
-    scopes: list[str]
-    #: wall-clock seconds: when the expiry was handled, and the earliest expired deadline
-    time: float
-    deadline: float
-    #: how late the expiry was handled (seconds after the deadline)
-    lateness: float
-    host: str = field(default_factory=socket.gethostname)
-    rank: str | None = None
-    local_rank: str | None = None
-    command: list[str] = field(default_factory=list)
-    worker_pid: int | None = None
-    #: each step taken, in order: capture, error file, signals (with their times)
-    actions: list[dict[str, object]] = field(default_factory=list)
-    stacks: Stacks | None = None
-    #: when ``stacks`` were taken: ``after_deadline`` and ``done_after_deadline`` (seconds)
-    stacks_taken: dict[str, float | None] | None = None
-    others: list[dict[str, object]] = field(default_factory=list)
-    #: the attempt (restart count, from 0) the process belongs to, if its launcher said
-    attempt: str | None = None
-    #: "rank R (pid P), the only rank not in <collective>, ...": when exactly one rank is
-    #: outside the collective the others wait in
-    likely_culprit: str | None = None
-    #: seconds from the deadline to the first signal (``None``: no signal, observe mode)
-    kill_lateness: float | None = None
-    torch_error_file: str | None = None
-    observe: bool = False
-    #: the JSON file it was written to, once it has been
-    path: Path | None = None
-    #: how many more times the process expired in the same scope within the repeat
-    #: window, counted here instead of recorded one by one
-    repeats: int = 0
-    #: wall-clock seconds: the last of those repeats
-    last_repeat: float | None = None
-
-    def summary(self) -> str:
-        """One line: who hung where (what the worker chose is escaped)."""
-        who = f"rank {self.rank} (pid {self.pid})" if self.rank is not None else f"pid {self.pid}"
-        scopes = ", ".join(repr(s) for s in self.scopes[:3]) + (
-            " ..." if len(self.scopes) > 3 else ""
-        )
-        top = self.stacks.top() if self.stacks is not None else None
-        where = f" in {top.function} ({top.file}:{top.line})" if top is not None else ""
-        return printable(f"{who} hung in {scopes}{where}")
-
-    def to_dict(self) -> dict[str, object]:
-        """The incident as plain data (its JSON file)."""
-        return {
-            "time": _iso(self.time),
-            "unix_time": self.time,
-            "host": self.host,
-            "pid": self.pid,
-            "rank": self.rank,
-            "local_rank": self.local_rank,
-            "attempt": self.attempt,
-            "worker_pid": self.worker_pid,
-            "command": self.command,
-            "scopes": self.scopes,
-            "deadline": _iso(self.deadline),
-            "lateness": self.lateness,
-            "observe": self.observe,
-            "actions": self.actions,
-            "kill_lateness": self.kill_lateness,
-            "torch_error_file": self.torch_error_file,
-            "stacks": None if self.stacks is None else self.stacks.to_dict(),
-            "stacks_taken": self.stacks_taken,
-            "others": self.others,
-            "likely_culprit": self.likely_culprit,
-            "repeats": self.repeats,
-            "last_repeat": None if self.last_repeat is None else _iso(self.last_repeat),
-            "summary": self.summary(),
-        }
-
-    def text(self) -> str:
-        """The incident for a person to read: its lines are ours, the rest is escaped."""
-        lines = [
-            f"aiotimer incident at {_iso(self.time)} on {self.host}",
-            f"  {self.summary()}",
-        ]
-        if self.likely_culprit:
-            lines.append(f"  likely culprit: {self.likely_culprit}")
-        if self.attempt is not None:
-            lines.append(f"  attempt: {self.attempt}")
-        lines += [
-            f"  command: {' '.join(self.command) or '?'}",
-            f"  expired: {', '.join(repr(s) for s in self.scopes)} "
-            f"(deadline {_iso(self.deadline)}, handled {self.lateness * 1e3:.2f} ms after it)",
-            "  what was done:",
-        ]
-        for action in self.actions:
-            lines.append(f"    - {action.get('text', action)}")
-        if self.repeats:
-            last = f", the last at {_iso(self.last_repeat)}" if self.last_repeat else ""
-            lines.append(
-                f"  repeats: it expired {self.repeats} more time{'s' if self.repeats > 1 else ''}"
-                f"{last} (counted here, not recorded one by one)"
-            )
-        if self.stacks is not None:
-            how = ", ".join(filter(None, [self.stacks.method, _taken_text(self.stacks_taken)]))
-            lines.append(f"stacks of pid {self.pid} ({how or 'none'}):")
-            lines += (self.stacks.raw.rstrip() or f"  (none: {self.stacks.reason})").split("\n")
-            if self.stacks.ok and self.stacks.reason:
-                lines.append(f"  (note: {self.stacks.reason})")
-        for other in self.others:
-            rank = f" (rank {other['rank']})" if other.get("rank") is not None else ""
-            stacks = other.get("stacks")
-            raw = stacks.get("raw") if isinstance(stacks, dict) else ""
-            reason = stacks.get("reason") if isinstance(stacks, dict) else ""
-            method = stacks.get("method") if isinstance(stacks, dict) else None
-            how = ", ".join(filter(None, [method, _taken_text(other.get("taken"))]))
-            command = other.get("command")
-            shown = " ".join(command) if isinstance(command, list) else ""
-            lines.append(f"stacks of pid {other['pid']}{rank} ({how or 'none'}): {shown}")
-            lines += (str(raw).rstrip() if raw else f"  (none: {reason})").split("\n")
-        # One element, one line: a newline inside one came from a worker, and is escaped.
-        return "\n".join(map(printable, lines)) + "\n"
-
-
-class IncidentRecorder:
-    """Writes incidents into ``directory``: ``incident-<time>-<pid>-<n>.json`` and ``.txt``.
-
-    A new incident never overwrites a file; an incident's own files are
-    replaced atomically when it is updated (the kill escalated, a repeat was
-    counted).  The directory keeps at most ``max_incidents`` incidents and
-    ``max_bytes`` bytes of them (``None``: no bound): over either, the oldest of
-    aiotimer's own incidents (regular files of this uid named as this class
-    names them, from this run or an earlier one) are removed first, with one
-    warning; no other file is ever removed.  Files other processes write into
-    the directory meanwhile are counted from the next start on.
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        max_incidents: int | None = DEFAULT_MAX_INCIDENTS,
-        max_bytes: int | None = DEFAULT_MAX_INCIDENT_BYTES,
-    ) -> None:
-        # Absolute: the path is reported (events, torch's error file) to readers elsewhere.
-        self.directory = Path(directory).absolute()
-        self.max_incidents = check_count("max_incidents", max_incidents, optional=True)
-        self.max_bytes = check_count("max_bytes", max_bytes, optional=True)
-        #: incidents removed to keep the directory within its budget
-        self.removed = 0
-        # Two I/O-plane threads may claim one incident at once (torch's error file,
-        # still pending when its wait timed out, and the incident's own write):
-        # without the lock each would make a file, and one would stay empty.
-        self._claiming = threading.Lock()
-        # Our incidents in the directory, oldest first: base name -> bytes (read once).
-        self._kept: collections.OrderedDict[str, int] | None = None
-        self._bytes = 0
-        self._warned = False
-
-    def claim(self, incident: Incident) -> Path:
-        """Give ``incident`` a file of its own (created empty, never another's).
-
-        Safe to call from several threads at once: one file is made.
-        """
-        with self._claiming:
-            return self._claim(incident)
-
-    def _claim(self, incident: Incident) -> Path:
-        if incident.path is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            kept = self._load()
-            stamp = datetime.datetime.fromtimestamp(incident.time, tz=datetime.UTC)
-            base = f"incident-{stamp:%Y%m%dT%H%M%S}-pid{incident.pid}-{os.getpid()}-{next(_seq)}"
-            path = self.directory / f"{base}.json"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            os.close(os.open(path, flags, 0o644))  # claimed: nothing else will write there
-            incident.path = path
-            kept[base] = 0
-            self._rotate(keep=base)
-        return incident.path
-
-    def write(self, incident: Incident) -> Path:
-        """Write (or update) ``incident``'s files; return the JSON file's path.
-
-        An incident already removed to keep within the budget is not written again.
-        """
-        self.claim(incident)
-        path = incident.path
-        assert path is not None
-        base = path.stem
-        with self._claiming:
-            if self._kept is not None and base not in self._kept:
-                return path  # rotated out while it waited
-        size = self._replace(path, json.dumps(incident.to_dict(), indent=1) + "\n")
-        size += self._replace(path.with_suffix(".txt"), incident.text())
-        with self._claiming:
-            kept = self._load()
-            if base in kept:
-                self._bytes += size - kept[base]
-                kept[base] = size
-                self._rotate(keep=base)
-            else:  # rotated out while it was written: gone for good
-                self._remove(base)
-        return path
-
-    def preload(self) -> None:
-        """Read which incidents the directory holds already (if it exists).
-
-        Done when the reaper opens, so the first claim (before a kill) does not
-        scan.  Blocks: the I/O plane's.
-        """
-        with self._claiming:
-            if self._kept is None and self.directory.is_dir():
-                self._load()
-
-    @property
-    def kept(self) -> int:
-        """How many of aiotimer's incidents the directory holds (as far as this recorder knows)."""
-        with self._claiming:
-            return 0 if self._kept is None else len(self._kept)
-
-    def _load(self) -> collections.OrderedDict[str, int]:
-        """Our incidents in the directory, oldest first; read on the first claim.  Locked."""
-        if self._kept is not None:
-            return self._kept
-        found: dict[str, tuple[int, int]] = {}  # base name -> (oldest mtime, bytes)
-        uid = os.geteuid()
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                base, _, suffix = entry.name.rpartition(".")
-                if suffix not in ("json", "txt") or not _OURS.fullmatch(base):
-                    continue
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(info.st_mode) or info.st_uid != uid:
-                    continue  # not ours: counted as nothing, never removed
-                mtime, size = found.get(base, (info.st_mtime_ns, 0))
-                found[base] = (min(mtime, info.st_mtime_ns), size + info.st_size)
-        oldest_first = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
-        self._kept = collections.OrderedDict((base, size) for base, (_, size) in oldest_first)
-        self._bytes = sum(self._kept.values())
-        return self._kept
-
-    def _rotate(self, keep: str) -> None:
-        """Remove the oldest incidents until within the budget; never ``keep``.  Locked."""
-        kept = self._load()
-        removed = 0
-        while kept and (
-            (self.max_incidents is not None and len(kept) > self.max_incidents)
-            or (self.max_bytes is not None and self._bytes > self.max_bytes)
-        ):
-            oldest = next(iter(kept))
-            if oldest == keep:
-                break
-            self._bytes -= kept.pop(oldest)
-            self._remove(oldest)
-            removed += 1
-        self.removed += removed
-        if removed and not self._warned:
-            self._warned = True
-            budget = " and ".join(
-                text
-                for text in (
-                    None if self.max_incidents is None else f"{self.max_incidents} incidents",
-                    None if self.max_bytes is None else f"{self.max_bytes} bytes",
-                )
-                if text
-            )
-            logger.warning(
-                "the incident directory %s is over its budget (%s): removing its oldest "
-                "incidents (not logged one by one)",
-                self.directory,
-                budget,
-            )
-
-    def _remove(self, base: str) -> None:
-        for suffix in (".json", ".txt"):
-            try:
-                os.unlink(self.directory / f"{base}{suffix}")  # unlink never follows a link
-            except FileNotFoundError:
-                pass
-            except OSError as exc:  # the budget is best effort; the new incident is not
-                logger.debug("cannot remove %s%s: %s", base, suffix, exc)
-
-    @staticmethod
-    def _replace(path: Path, text: str) -> int:
-        """Replace ``path`` with ``text`` atomically; the bytes written."""
-        # A random name, created exclusively: a file or symlink put there
-        # beforehand is never written through.
-        data = text.encode(errors="backslashreplace")  # a lone surrogate from a worker
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return len(data)
-
-
-def _error_file_data(incident: Incident) -> bytes:
-    """torch's error file for ``incident``: JSON whose every string is escaped for a terminal."""
-    stacks = incident.stacks
-    summary = f"aiotimer: watchdog timeout: {incident.summary()}"
-    details = [
-        summary,
-        f"timer {', '.join(repr(s) for s in incident.scopes)} expired "
-        f"{incident.lateness * 1e3:.2f} ms ago (deadline {_iso(incident.deadline)})",
-    ]
-    if incident.path is not None:
-        details.append(f"incident: {incident.path.with_suffix('.txt')}")
-    if stacks is not None:
-        details.append(stacks.raw.rstrip() if stacks.ok else f"(no stacks: {stacks.reason})")
-    data = {
-        "message": {
-            "message": printable(f"TimeoutError: {summary}"),
-            "extraInfo": {
-                # torchrun prints it as it is: our line breaks stay, nothing else does
-                "py_callstack": "\n".join(map(printable_lines, details)),
-                "timestamp": str(int(time.time())),
-            },
-        }
-    }
-    return json.dumps(data).encode()
-
-
-# Run as root, as a child of the launcher: becomes the hung process's uid, gid and
-# groups for good (every uid set: no capability is left), then creates the file
-# exclusively, never through a link.  argv: path, uid, gid, groups; stdin: the data.
-_AS_OWNER = """\
-import os, sys
-path, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-groups = [int(g) for g in sys.argv[4].split(",") if g]
-data = sys.stdin.buffer.read()
-try:
-    os.setgroups(groups)
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-except OSError as exc:
-    sys.stderr.write(f"cannot act as uid {uid} (gid {gid}): {exc.strerror}")
-    sys.exit(4)
-flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
-try:
-    fd = os.open(path, flags, 0o644)
-except FileExistsError:
-    sys.exit(3)
-except OSError as exc:
-    sys.stderr.write(f"{exc.strerror} (as uid {uid})")
-    sys.exit(5)
-with os.fdopen(fd, "wb") as f:
-    f.write(data)
-"""
-_EXISTS = 3
-
-
-def _create(path: str, data: bytes, owner: _Owner | None, timeout: float) -> str | None:
-    """Create ``path`` with ``data`` as ``owner`` would; ``None``, or why not (``"exists"``).
-
-    Blocks (a child process, a file): the I/O plane's.  As ourselves when
-    ``owner`` is us (or unknown to us: ``None``), else in a child that becomes
-    ``owner`` first, so the kernel decides whether that uid may create it there.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
-    if owner is None or (owner.uid, owner.gid) == (os.geteuid(), os.getegid()):
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileExistsError:
-            return "exists"
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return None
-    argv = [
-        os.path.realpath(sys.executable),
-        "-I",
-        "-S",
-        "-c",
-        _AS_OWNER,
-        path,
-        str(owner.uid),
-        str(owner.gid),
-        ",".join(map(str, owner.groups)),
-    ]
-    try:
-        done = subprocess.run(
-            argv,
-            input=data,
-            capture_output=True,
-            timeout=timeout,
-            cwd="/",
-            # -I ignores PYTHON*; a shared libpython may need its library path
-            env={k: v for k, v in os.environ.items() if k == "LD_LIBRARY_PATH"},
-            start_new_session=True,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"not done within {timeout:.3g}s (as uid {owner.uid})"
-    except OSError as exc:
-        return f"cannot start {argv[0]}: {exc}"
-    if done.returncode == 0:
-        return None
-    if done.returncode == _EXISTS:
-        return "exists"
-    said = done.stderr.decode(errors="replace").strip()[:200]
-    return said or f"the writer exited {done.returncode} (as uid {owner.uid})"
-
-
-def write_torch_error_file(
-    path: str, incident: Incident, *, owner: _Owner | None = None, timeout: float = 5.0
-) -> bool:
-    """Write torchrun's error file for ``incident`` at ``path``, unless a file is there already.
-
-    torchrun shows the error file of the first failed rank as the "Root Cause"
-    of its ``ChildFailedError``.  A file the worker wrote itself is never
-    replaced, nor is a link followed (``O_CREAT|O_EXCL|O_NOFOLLOW``).  Only an
-    absolute ``path`` is taken.  ``owner``: the hung process's credentials;
-    when they are not ours, the file is created by a child that acts as that
-    uid (for at most ``timeout`` seconds), so it is made only where the hung
-    process could make it, and is its own.  Blocks: the I/O plane's.
-    """
-    return _try_error_file(path, incident, owner, timeout) is None
-
-
-def _try_error_file(
-    path: str, incident: Incident, owner: _Owner | None, timeout: float
-) -> str | None:
-    """``write_torch_error_file``; ``None`` once written, else why not."""
-    why: str | None = "not an absolute path"
-    if os.path.isabs(path):
-        why = _create(path, _error_file_data(incident), owner, timeout)
-    if why is not None and why != "exists":
-        logger.warning("cannot write torchrun's error file %r: %s", path, why)
-    return why
 
 
 class IncidentReaper:
@@ -1302,7 +704,7 @@ class IncidentReaper:
         """Claim the incident's file, then write torch's error file: its path, what was done.
 
         The path is the one the process's launcher set (see
-        ``_error_file_source``), absolute, and the file is created as the
+        ``error_file_source``), absolute, and the file is created as the
         process's own uid could (see ``write_torch_error_file``).  ``None``: no
         error file asked for.  Blocks: the I/O plane's.
         """
@@ -1314,7 +716,7 @@ class IncidentReaper:
         own = incident.torch_error_file
         if self.observe:
             return None
-        path, source = _error_file_source(incident.pid, worker_pid, own)
+        path, source = error_file_source(incident.pid, worker_pid, own)
         if not path:
             return None
         where = ""
@@ -1323,10 +725,10 @@ class IncidentReaper:
             if own and own != path:
                 where += f"; pid {incident.pid}'s own environment says {own!r}: not used"
             where += ")"
-        owner = _owner_of(incident.pid)
+        owner = owner_of(incident.pid)
         why = "the process is gone" if owner is None else None
         if owner is not None:
-            why = _try_error_file(path, incident, owner, timeout)
+            why = try_error_file(path, incident, owner, timeout)
         if why is None:
             return path, f"wrote {path}{where}"
         if why == "exists":

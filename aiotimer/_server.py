@@ -35,13 +35,15 @@ from ._events import (
 from ._expiry import Reaper
 from ._guard import Guard
 from ._heap import DeadlineHeap
-from ._incidents import DEFAULT_DUMP_TIMEOUT, DEFAULT_MAX_INCIDENTS, Incident, IncidentReaper
+from ._incident import Incident
+from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
 from ._killer import Killer
 from ._linux import ProcessGone, descendants, live_processes
 from ._metrics import MetricsServer
 from ._priority import LEAD, RealtimeBoost
 from ._processes import ProcessRegistry, WatchedProcess
 from ._reapers import SignalReaper
+from ._recorder import DEFAULT_MAX_INCIDENTS
 from ._scheduler import Scheduler
 from ._validate import check_count, check_seconds, check_signal
 from ._workers import Worker, WorkerSet, start_worker_process

@@ -17,10 +17,11 @@ import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, NoReturn
 
-from ._incidents import DEFAULT_DUMP_TIMEOUT, DEFAULT_MAX_INCIDENTS, IncidentReaper
+from ._incidents import DEFAULT_DUMP_TIMEOUT, IncidentReaper
 from ._ioplane import SinkHandler, StreamSink
 from ._loops import loop_factory, pidfd_child_watcher
 from ._reapers import SignalReaper
+from ._recorder import DEFAULT_MAX_INCIDENTS
 from ._validate import check_seconds, check_signal
 from .launcher import EXIT_USAGE, Job, Output, UsageError, serve_command
 

@@ -23,12 +23,9 @@ from typing import Any
 import pytest
 
 from aiotimer import IncidentReaper, IncidentRecorded, SignalReaper, TimerServer
-from aiotimer._incidents import (
-    Incident,
-    IncidentRecorder,
-    likely_culprit,
-    write_torch_error_file,
-)
+from aiotimer._errorfile import write_torch_error_file
+from aiotimer._incident import Incident, likely_culprit
+from aiotimer._recorder import IncidentRecorder
 from aiotimer._stacks import (
     Frame,
     Stacks,

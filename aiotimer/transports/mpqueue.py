@@ -9,7 +9,7 @@ What the queue's protocol cannot protect against, and what is done about it:
 - Every item is unpickled, and a pickle can run code or raise anything
   (``SystemExit`` included): each item's failure is caught and rejected alone.
   Any process that can put on the queue can run code in the server; that is
-  inherent to torch's ``LocalTimerClient`` (see the README's security notes).
+  inherent to torch's ``LocalTimerClient`` (see docs/security.md).
 - The pipe is read non-blocking: a message cut short (a writer killed in the
   middle of a write larger than ``PIPE_BUF``, or bytes written by hand) is
   rejected instead of blocking the server's loop for ever.
