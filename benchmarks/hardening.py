@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiotimer import Event, KillWorkerProcess, TimerServer, Worker
@@ -72,6 +74,19 @@ class Outcome:
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def _log_records(out: Outcome, reps: int) -> Iterator[None]:
+    """Count into ``out`` the aiotimer log records the block costs, per repetition."""
+    counting = _Counting()
+    log = logging.getLogger("aiotimer")
+    log.addHandler(counting)
+    try:
+        yield
+    finally:
+        log.removeHandler(counting)
+        out.log_records = counting.records // max(1, reps)
 
 
 class _Counting(logging.Handler):
@@ -216,10 +231,7 @@ async def load_fifo(flooders: int, bystanders: int, realtime: bool = False) -> O
 async def garbage_pipe(size: int, reps: int) -> Outcome:
     """A worker writes ``size`` random bytes on its pipe across a bystander's deadline."""
     out = Outcome()
-    counting = _Counting()
-    log = logging.getLogger("aiotimer")
-    log.addHandler(counting)
-    try:
+    with _log_records(out, reps):
         async with TimerServer() as server:
             _decisions(server, out.decisions, out.kills)
             cpu0 = _cpu()
@@ -238,18 +250,12 @@ async def garbage_pipe(size: int, reps: int) -> Outcome:
                 polluter.stdin.close()
                 await polluter.wait()
             out.server_cpu_s = (_cpu() - cpu0) / reps
-    finally:
-        log.removeHandler(counting)
-    out.log_records = counting.records // max(1, reps)
     return out
 
 
 async def garbage_fifo(size: int, reps: int) -> Outcome:
     """``size`` bytes of junk lines on the FIFO across a torch bystander's deadline."""
     out = Outcome()
-    counting = _Counting()
-    log = logging.getLogger("aiotimer")
-    log.addHandler(counting)
     junk_writer = (
         "import os, sys\n"
         "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
@@ -257,32 +263,28 @@ async def garbage_fifo(size: int, reps: int) -> Outcome:
         "for i in range(0, len(junk), 4096):\n"
         "    os.write(fd, junk[i:i + 4096])\n"
     )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            fifo = os.path.join(tmp, "timer.fifo")
-            async with TimerServer() as server:
-                _decisions(server, out.decisions, out.kills)
-                await listen_fifo(server, fifo)
-                hung = await start_torch_host("client-file", fifo)
-                assert hung.stdin is not None and hung.stdout is not None
-                cpu0 = _cpu()
-                for _ in range(reps):
-                    hung.stdin.write(b"kill 1\n")
-                    await hung.stdout.readline()
-                    deadline = time.monotonic() + LEAD
-                    hung.stdin.write(f"{deadline!r}\n".encode())
-                    await expect_line(hung.stdout, b"armed")
-                    await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
-                    writer = await asyncio.create_subprocess_exec(
-                        sys.executable, "-c", junk_writer, fifo, str(size)
-                    )
-                    await writer.wait()
-                    await asyncio.sleep(0.3)
-                out.server_cpu_s = (_cpu() - cpu0) / reps
-                await _quit(hung)
-    finally:
-        log.removeHandler(counting)
-    out.log_records = counting.records // max(1, reps)
+    with _log_records(out, reps), tempfile.TemporaryDirectory() as tmp:
+        fifo = os.path.join(tmp, "timer.fifo")
+        async with TimerServer() as server:
+            _decisions(server, out.decisions, out.kills)
+            await listen_fifo(server, fifo)
+            hung = await start_torch_host("client-file", fifo)
+            assert hung.stdin is not None and hung.stdout is not None
+            cpu0 = _cpu()
+            for _ in range(reps):
+                hung.stdin.write(b"kill 1\n")
+                await hung.stdout.readline()
+                deadline = time.monotonic() + LEAD
+                hung.stdin.write(f"{deadline!r}\n".encode())
+                await expect_line(hung.stdout, b"armed")
+                await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
+                writer = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", junk_writer, fifo, str(size)
+                )
+                await writer.wait()
+                await asyncio.sleep(0.3)
+            out.server_cpu_s = (_cpu() - cpu0) / reps
+            await _quit(hung)
     out.missed = reps - len(out.decisions)
     return out
 
@@ -316,43 +318,36 @@ sys.stdin.readline()
 async def garbage_socket(connects: int, reps: int) -> Outcome:
     """``connects`` hostile connections to the socket across a pipe bystander's deadline."""
     out = Outcome()
-    counting = _Counting()
-    log = logging.getLogger("aiotimer")
-    log.addHandler(counting)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "sock", "timer.sock")
-            async with TimerServer() as server:
-                _decisions(server, out.decisions, out.kills)
-                await listen_socket(server, path)
-                cpu0 = _cpu()
-                for _ in range(reps):
-                    flooder = await asyncio.create_subprocess_exec(
-                        sys.executable,
-                        "-c",
-                        _SOCKET_FLOOD,
-                        path,
-                        str(connects),
-                        stdin=PIPE,
-                        stdout=PIPE,
-                    )
-                    await expect_line(flooder.stdout, b"ready")
-                    bystander = await _spawn(server, "aiotimer")
-                    assert flooder.stdin is not None and bystander.stdin is not None
-                    deadline = time.monotonic() + LEAD
-                    bystander.stdin.write(f"{deadline!r}\n".encode())
-                    await expect_line(bystander.stdout, b"armed")
-                    await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
-                    flooder.stdin.write(b"go\n")  # the flood runs across the deadline
-                    if await asyncio.wait_for(bystander.wait(), 60) != -signal.SIGKILL:
-                        out.missed += 1
-                    await asyncio.wait_for(expect_line(flooder.stdout, b"done"), 600)
-                    flooder.stdin.close()
-                    await flooder.wait()
-                out.server_cpu_s = (_cpu() - cpu0) / reps
-    finally:
-        log.removeHandler(counting)
-    out.log_records = counting.records // max(1, reps)
+    with _log_records(out, reps), tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sock", "timer.sock")
+        async with TimerServer() as server:
+            _decisions(server, out.decisions, out.kills)
+            await listen_socket(server, path)
+            cpu0 = _cpu()
+            for _ in range(reps):
+                flooder = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    _SOCKET_FLOOD,
+                    path,
+                    str(connects),
+                    stdin=PIPE,
+                    stdout=PIPE,
+                )
+                await expect_line(flooder.stdout, b"ready")
+                bystander = await _spawn(server, "aiotimer")
+                assert flooder.stdin is not None and bystander.stdin is not None
+                deadline = time.monotonic() + LEAD
+                bystander.stdin.write(f"{deadline!r}\n".encode())
+                await expect_line(bystander.stdout, b"armed")
+                await asyncio.sleep(max(0.0, deadline - 0.1 - time.monotonic()))
+                flooder.stdin.write(b"go\n")  # the flood runs across the deadline
+                if await asyncio.wait_for(bystander.wait(), 60) != -signal.SIGKILL:
+                    out.missed += 1
+                await asyncio.wait_for(expect_line(flooder.stdout, b"done"), 600)
+                flooder.stdin.close()
+                await flooder.wait()
+            out.server_cpu_s = (_cpu() - cpu0) / reps
     return out
 
 
