@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ._exceptions import (
     ClientNotConfiguredError,
@@ -207,35 +207,53 @@ _REFUSAL_HOLD = 1.0
 _socket_clients: weakref.WeakSet[SocketClient] = weakref.WeakSet()
 
 
+class _Connection(NamedTuple):
+    """This process's connection to the server, and the pipe its requests go through."""
+
+    sock: socket.socket
+    #: the write end of the pipe whose read end the server holds
+    pipe: int
+    #: ``os.getpid()`` when it was made
+    owner: int
+    #: the pid the server knows this process by
+    wire_pid: int
+
+
 class SocketClient(TimerClient):
-    """Sends requests over the timer server's Unix socket (``AIOTIMER_SOCKET``).
+    """Sends requests to the timer server of the Unix socket ``AIOTIMER_SOCKET``.
 
     For any process of the job, spawned by the server or not (a torchrun rank
     under ``aiotimer serve``, a DataLoader worker).  One connection per
     process, made on first use: the server answers it at once, and a process
     it refuses (another user, not a descendant of the server, over a cap)
     gets ``NotEntitledError`` with the server's reason, on entering the block.
-    After ``fork`` the child connects anew (its parent's stream is never
-    shared); ``multiprocessing`` workers of any start method each get their
-    own.  If the server went away, the client connects once more (a restarted
-    server); else ``ServerUnavailableError``.  Each request is then one
-    ``send`` of a frame of at most 4 KiB, which the kernel queues whole.  The
+    The connection is for who we are; the requests go through a pipe whose
+    read end the client hands over on it (``SCM_RIGHTS``), one ``write`` of at
+    most ``PIPE_BUF`` bytes each, as a ``PipeClient``'s: a socket costs the
+    kernel an allocation and a wake-up per 60-byte request, a pipe packs them
+    into pages (see ``aiotimer.transports.socket``).  After ``fork`` the child
+    drops its parent's connection and pipe and connects anew;
+    ``multiprocessing`` workers of any start method each get their own.  If
+    the server went away (a write fails with ``EPIPE``), the client connects
+    once more (a restarted server); else ``ServerUnavailableError``.  The
     stack-dump signal and directory come from the server's answer.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, connect_timeout: float = 10.0) -> None:
         self.path = os.fspath(path)
         self._timeout = check_seconds("connect_timeout", connect_timeout)
-        self._sock: socket.socket | None = None
-        self._conn_pid = 0  # os.getpid() when the connection was made
-        self._wire_pid = 0  # the pid the server knows this process by
+        self._conn: _Connection | None = None
+        # The fd number of the pipe of a connection that broke: the next one's pipe takes
+        # it over (dup2), so a thread still holding the number never writes into an fd
+        # that the number was reused for meanwhile (a file of the application's).
+        self._spare = -1
         self._lock = threading.Lock()
         self._refusal: tuple[int, float, str] | None = None  # pid, when, message
         self._dump_file: Any = None
         _socket_clients.add(self)
 
     def __repr__(self) -> str:
-        state = "connected" if self._sock is not None else "not connected"
+        state = "connected" if self._conn is not None else "not connected"
         return f"<SocketClient {self.path!r} {state}>"
 
     @classmethod
@@ -249,17 +267,17 @@ class SocketClient(TimerClient):
 
     # -- the connection
 
-    def _connection(self) -> tuple[socket.socket, int]:
-        """This process's connection and the pid the server knows it by; connects if needed."""
-        sock = self._sock
-        if sock is not None and self._conn_pid == os.getpid():
-            return sock, self._wire_pid
+    def _connection(self) -> _Connection:
+        """This process's connection; connects if needed."""
+        conn = self._conn
+        if conn is not None and conn.owner == os.getpid():
+            return conn
         with self._lock:
-            sock = self._sock
+            conn = self._conn
             pid = os.getpid()
-            if sock is not None and self._conn_pid == pid:
-                return sock, self._wire_pid
-            if sock is not None:  # inherited from the parent (a fork the hook missed)
+            if conn is not None and conn.owner == pid:
+                return conn
+            if conn is not None:  # inherited from the parent (a fork the hook missed)
                 self._drop()
             refusal = self._refusal
             if refusal is not None and refusal[0] == pid:
@@ -268,7 +286,7 @@ class SocketClient(TimerClient):
                 self._refusal = None
             return self._connect(pid)
 
-    def _connect(self, pid: int) -> tuple[socket.socket, int]:
+    def _connect(self, pid: int) -> _Connection:
         import socket  # only a socket client needs it; keeps a pipe worker's start lean
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -281,8 +299,6 @@ class SocketClient(TimerClient):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
             reply = self._handshake(sock)
-            # Then requests block as a pipe's writes do when the server does not read.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
         except BaseException:
             sock.close()
             raise
@@ -293,14 +309,36 @@ class SocketClient(TimerClient):
             raise NotEntitledError(message)
         try:
             self._dump_file = _register_dump(reply.dump_signal, reply.text, reply.pid)
-            sock.sendall(encode_hello(reply.pid, reply.dump_signal), socket.MSG_NOSIGNAL)
+            pipe = self._hand_over(sock, encode_hello(reply.pid, reply.dump_signal))
         except OSError as exc:
             sock.close()
             raise ServerUnavailableError(
                 f"the timer server on {self.path} closed the connection ({exc})"
             ) from None
-        self._sock, self._conn_pid, self._wire_pid = sock, pid, reply.pid
-        return sock, reply.pid
+        conn = _Connection(sock, pipe, pid, reply.pid)
+        self._conn = conn
+        return conn
+
+    def _hand_over(self, sock: socket.socket, hello: bytes) -> int:
+        """Send the server a new pipe's read end (with ``hello``); its write end."""
+        import socket
+
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The greeting rides with the fd: a stream socket carries an fd only along
+            # with data, and the server reads both in one call.  Under the connect
+            # timeout still: a server that reads nothing cannot hold us here.
+            socket.send_fds(sock, [hello], [read], _MSG_NOSIGNAL)
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)  # the server's now: EOF and EPIPE mean what they should
+        if self._spare >= 0:
+            os.dup2(write, self._spare, inheritable=False)
+            os.close(write)
+            write, self._spare = self._spare, -1
+        return write
 
     def _handshake(self, sock: socket.socket) -> Reply:
         """Connect and read the server's answer; raise what a failure means."""
@@ -341,72 +379,86 @@ class SocketClient(TimerClient):
         return reply
 
     def close(self) -> None:
-        """Close this process's connection (the next request connects again)."""
+        """Close this process's connection and pipe (the next request connects again)."""
         with self._lock:
             self._drop()
+            if self._spare >= 0:
+                os.close(self._spare)
+                self._spare = -1
 
-    def _drop(self) -> None:
-        """Forget the connection (closing this process's fd of it only)."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+    def _drop(self, *, keep_number: bool = False) -> None:
+        """Forget the connection, closing this process's fds of it (only).
+
+        ``keep_number``: the pipe's fd stays open (broken) as the spare the next
+        connection's pipe takes the number of.
+        """
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.sock.close()
+        if keep_number and self._spare < 0:
+            self._spare = conn.pipe
+        else:
+            os.close(conn.pipe)
 
     def _forked(self) -> None:
-        """In a forked child: the parent's connection and lock are not the child's."""
+        """In a forked child: the parent's connection, pipe and lock are not the child's."""
         self._lock = threading.Lock()
         self._refusal = None
         self._drop()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
 
-    def _resend(
-        self, sock: socket.socket, first: OSError, frame_for: Callable[[int], bytes]
-    ) -> None:
-        """A send on ``sock`` failed: the server went away.  Connect once more (a restarted
-        server) and send ``frame_for(pid)`` there; else ``ServerUnavailableError``."""
+    def _resend(self, conn: _Connection, first: OSError, frame_for: Callable[[int], bytes]) -> None:
+        """A write to ``conn``'s pipe failed: the server went away (``EPIPE``).  Connect
+        once more (a restarted server) and write ``frame_for(pid)`` there; else
+        ``ServerUnavailableError``."""
         with self._lock:
-            if self._sock is sock:
-                self._drop()
+            if self._conn is conn:
+                self._drop(keep_number=True)
         try:
-            sock, pid = self._connection()
+            conn = self._connection()
         except ServerUnavailableError as exc:
-            raise ServerUnavailableError(f"{exc} (after a send failed: {first})") from None
+            raise ServerUnavailableError(f"{exc} (after a write failed: {first})") from None
         try:
-            sock.sendall(frame_for(pid), _MSG_NOSIGNAL)
+            os.write(conn.pipe, frame_for(conn.wire_pid))
         except OSError as exc:
             with self._lock:
-                if self._sock is sock:
-                    self._drop()
+                if self._conn is conn:
+                    self._drop(keep_number=True)
             raise ServerUnavailableError(
-                f"the timer server on {self.path} is not reading (send failed: {exc})"
+                f"the timer server on {self.path} is not reading (write failed: {exc})"
             ) from None
 
-    # -- requests: one send each; the slow path only when it fails
+    # -- requests: one write each; the slow path only when it fails
 
     def acquire(self, scope: str, deadline: float) -> None:
         """Arm ``scope`` until ``deadline`` (``time.monotonic()`` seconds)."""
-        sock, pid = self._connection()
+        conn = self._connection()
         now = time.monotonic()
         try:
-            sock.sendall(encode_acquire_stamped(pid, scope, deadline, now), _MSG_NOSIGNAL)
+            os.write(conn.pipe, encode_acquire_stamped(conn.wire_pid, scope, deadline, now))
         except OSError as exc:
-            self._resend(sock, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
+            self._resend(conn, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
 
     def acquire_after(self, scope: str, seconds: float) -> None:
         """Arm ``scope`` to expire ``seconds`` from now (stamped with this process's clock)."""
-        sock, pid = self._connection()
+        conn = self._connection()
         now = time.monotonic()
         deadline = now + seconds
         try:
-            sock.sendall(encode_acquire_stamped(pid, scope, deadline, now), _MSG_NOSIGNAL)
+            os.write(conn.pipe, encode_acquire_stamped(conn.wire_pid, scope, deadline, now))
         except OSError as exc:
-            self._resend(sock, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
+            self._resend(conn, exc, lambda p: encode_acquire_stamped(p, scope, deadline, now))
 
     def release(self, scope: str) -> None:
         """Disarm ``scope``."""
-        sock, pid = self._connection()
+        conn = self._connection()
         try:
-            sock.sendall(encode_release(pid, scope), _MSG_NOSIGNAL)
+            os.write(conn.pipe, encode_release(conn.wire_pid, scope))
         except OSError as exc:
-            self._resend(sock, exc, lambda p: encode_release(p, scope))
+            self._resend(conn, exc, lambda p: encode_release(p, scope))
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds

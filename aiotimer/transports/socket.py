@@ -36,15 +36,19 @@ listener's connections.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import resource
 import secrets
 import socket
 import stat
 import struct
+import sys
+import termios
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,6 +81,10 @@ _FD_FULL_PAUSE = 0.1
 # Refused pids remembered, to log each refusal once per process (oldest forgotten first).
 _REFUSALS_REMEMBERED = 4096
 _SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_FD_SIZE = 4  # an fd in an SCM_RIGHTS message: a C int
+# Room for two fds in a read's ancillary data: a client hands over one, so two are
+# seen as two, and more are cut (the kernel closes what does not fit: MSG_CTRUNC).
+_FDS_SPACE = socket.CMSG_SPACE(2 * _FD_SIZE)
 
 
 def _check_length(path: Path, name: str) -> None:
@@ -359,7 +367,7 @@ class SocketListener(GuardedPath, Channel):
         self._per_pid[pid] = self._per_pid.get(pid, 0) + 1
         self._host.add_channel(channel)
         assert self._loop is not None
-        channel.start(conn.detach(), self._loop)
+        channel.start(conn, self._loop)
 
     def _dump_dir(self) -> str:
         return self._host.dump_dir or ""
@@ -428,7 +436,13 @@ def _peer_pidfd(conn: socket.socket) -> int | None:
 
 
 class SocketChannel(Channel):
-    """One accepted connection: requests of its peer process only, read on the loop."""
+    """One accepted connection: requests of its peer process only, read on the loop.
+
+    The peer's requests come through the pipe it handed over (see the module
+    docstring), or, from a client that hands over none, on the connection
+    itself.  The connection stays watched either way: its end means the
+    client went away.
+    """
 
     def __init__(self, listener: SocketListener, peer_pid: int) -> None:
         super().__init__(listener.sink)
@@ -437,9 +451,13 @@ class SocketChannel(Channel):
         self.peer_pid = peer_pid
         self.name = f"{listener.name} (pid {peer_pid})"
         self.roots = listener.roots
-        self._fd = -1
+        self._sock: socket.socket | None = None
+        self._pipe = -1  # our own read end of the peer's pipe (-1: none, or closed)
+        self._piped = False  # a pipe was handed over (the only one this connection may)
+        self._draining: int | None = None  # bytes left to read from the pipe, once hung up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = FrameDecoder()
+        self._pipe_decoder = FrameDecoder()
         self._peer_exited = False
 
     @property
@@ -449,8 +467,13 @@ class SocketChannel(Channel):
 
     @property
     def closed(self) -> bool:
-        """Whether the connection is not (or no longer) being read."""
-        return self._fd < 0
+        """Whether neither the connection nor its pipe is read any more."""
+        return self._sock is None and self._pipe < 0
+
+    @property
+    def piped(self) -> bool:
+        """Whether the peer handed over a pipe for its requests."""
+        return self._piped
 
     def entitled(self, pid: int) -> str | None:
         """The peer itself, while it lives, if it is this user's and descends from a root."""
@@ -463,25 +486,51 @@ class SocketChannel(Channel):
             return f"pid {pid}, this connection's peer, has exited"
         return foreign_descendant_of(pid, self.roots)
 
-    def start(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Start reading the connection ``fd`` (non-blocking) on ``loop``."""
-        self._fd = fd
+    def start(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the connection ``sock`` (non-blocking) on ``loop``."""
+        self._sock = sock
         self._loop = loop
-        loop.add_reader(fd, self._readable)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    # -- the connection: a pipe handed over once, legacy frames, its end
 
     def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
         try:
-            data = os.read(self._fd, _READ_SIZE)
+            data, ancillary, flags, _ = sock.recvmsg(
+                _READ_SIZE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # ECONNRESET: the peer went away with unread data
-            data = b""
+            data, ancillary, flags = b"", [], 0
+        if ancillary or flags & socket.MSG_CTRUNC:
+            # Taken (or closed) before anything else: a received fd is ours to close.
+            if not self._take_pipe(_received_fds(ancillary), bool(flags & socket.MSG_CTRUNC)):
+                return
+            handed_over = True
+        else:
+            handed_over = False
         if not data or self._peer_exited:
             # After its peer's exit the connection speaks for no one: what is left
             # (a release of a timer dropped with the process) is moot, not an error.
             self._hang_up()
             return
-        requests, errors = self._decoder.feed(data)
+        if self._piped and not handed_over:
+            # Requests come through the pipe now; a second stream is refused (it
+            # would double the connection's share of the loop).
+            self.sink.reject(
+                self,
+                f"{len(data)} bytes on the connection of pid {self.peer_pid} after it "
+                "handed over its pipe: requests come through the pipe",
+            )
+            return
+        self._deliver(self._decoder, data)
+
+    def _deliver(self, decoder: FrameDecoder, data: bytes) -> None:
+        requests, errors = decoder.feed(data)
         peer = self.peer_pid
         for request in requests:
             if request[1] != peer:
@@ -502,16 +551,104 @@ class SocketChannel(Channel):
                 )
         return [request for request in requests if request.pid == peer]
 
+    def _take_pipe(self, fds: list[int], truncated: bool) -> bool:
+        """Read requests from the one pipe the peer handed over; whether it was one.
+
+        Anything else (a second handover, two fds, a file, a socket, a write
+        end) is a rejection, and the connection is closed.  The fds received
+        are closed here either way: the pipe is read through a description of
+        our own.
+        """
+        reason: str | None = None
+        pipe = -1
+        try:
+            if self._piped:
+                reason = "handed over a second pipe (a connection hands over one, once)"
+            elif truncated or len(fds) != 1:
+                reason = f"handed over {'more than 2' if truncated else len(fds)} fds, not one pipe"
+            else:
+                reason, pipe = _open_pipe(fds[0])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if reason is not None:
+            self.sink.reject(
+                self, f"pid {self.peer_pid} {reason}; closed its connection", "malformed"
+            )
+            self._finish()
+            return False
+        assert self._loop is not None
+        self._pipe = pipe
+        self._piped = True
+        self._loop.add_reader(pipe, self._pipe_readable)
+        return True
+
+    # -- the pipe
+
+    def _pipe_readable(self) -> None:
+        if self._pipe < 0:
+            return
+        draining = self._draining
+        try:
+            data = os.read(
+                self._pipe, _READ_SIZE if draining is None else min(_READ_SIZE, draining)
+            )
+        except (BlockingIOError, InterruptedError):
+            if draining is not None:  # empty (another reader of it took the rest)
+                self._finish()
+            return
+        except OSError as exc:
+            logger.error("reading the pipe of %s failed: %s; closing it", self.name, exc)
+            data = b""
+        if self._peer_exited:
+            self._finish()  # moot, as on the connection
+            return
+        if not data:
+            # Every writer closed it: the timers armed through it stay armed until
+            # their process exits (it may close its pipe and hang).
+            self._close_pipe()
+            if draining is not None:
+                self._finish()
+            return
+        self._deliver(self._pipe_decoder, data)
+        if draining is not None and self._pipe >= 0:
+            self._draining = draining - len(data)
+            if self._draining <= 0:
+                self._finish()
+
+    def _close_pipe(self) -> None:
+        if self._pipe < 0:
+            return
+        if self._pipe_decoder.pending and not self._peer_exited:
+            self.sink.reject(
+                self,
+                f"the pipe of pid {self.peer_pid} closed with {self._pipe_decoder.pending} "
+                "bytes of an incomplete frame; dropped",
+            )
+        assert self._loop is not None
+        self._loop.remove_reader(self._pipe)
+        os.close(self._pipe)
+        self._pipe = -1
+
+    # -- the end
+
     def process_exited(self, pid: int) -> None:
         """The peer exited: nothing on this connection may arm a timer any more."""
         if pid == self.peer_pid:
             self._peer_exited = True
-            if self._loop is not None and self._fd >= 0:
+            if self._loop is not None and not self.closed:
                 # Not from inside the registry's exit bookkeeping: on the next turn.
-                self._loop.call_soon(self._hang_up)
+                self._loop.call_soon(self._finish)
 
     def _hang_up(self) -> None:
-        if self._fd < 0:
+        """The connection ended: the client went away (or closed it).
+
+        What its pipe held by then is still read (a process that armed a timer,
+        closed its connection and hangs is still killed), and no more: a writer
+        that goes on writing cannot keep the pipe open.
+        """
+        sock = self._sock
+        if sock is None:
             return
         if self._decoder.pending and not self._peer_exited:
             self.sink.reject(
@@ -519,17 +656,82 @@ class SocketChannel(Channel):
                 f"the connection closed with {self._decoder.pending} bytes of an "
                 "incomplete frame; dropped",
             )
+        if self._pipe >= 0 and not self._peer_exited:
+            left = _unread(self._pipe)
+            if left > 0:
+                assert self._loop is not None
+                self._loop.remove_reader(sock.fileno())
+                self._draining = left
+                return
+        self._finish()
+
+    def _finish(self) -> None:
+        """Close the connection and its pipe, and tell the server (once)."""
+        if self.closed:
+            return
         self.close()
         self.sink.channel_closed(self)
 
     def close(self) -> None:
-        """Stop reading and close the connection."""
-        if self._fd >= 0:
-            assert self._loop is not None
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            self.listener.forget(self)
+        """Stop reading, and close the connection and its pipe."""
+        if self.closed:
+            return
+        assert self._loop is not None
+        self._close_pipe()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._draining is None:  # else no longer watched
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.listener.forget(self)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an ``SCM_RIGHTS`` message installed in this process (all to be closed)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _FD_SIZE
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _open_pipe(fd: int) -> tuple[str | None, int]:
+    """``(None, a non-blocking read end of our own)`` if ``fd`` is a pipe's read end, else
+    ``(why not, -1)``.
+
+    Nothing here waits on a file system the peer might control (a FUSE mount
+    could make a ``stat`` hang): the kind is read from ``/proc``'s link first,
+    and only an anonymous pipe is ``fstat``-ed.  The pipe is reopened through
+    ``/proc/self/fd``: a description of our own, whose ``O_NONBLOCK`` the peer,
+    who may keep a copy of the fd it sent, cannot clear (a read on the loop
+    would then block).
+    """
+    link = f"/proc/self/fd/{fd}"
+    try:
+        target = os.readlink(link)
+    except OSError as exc:
+        return f"handed over an fd that cannot be examined ({exc.strerror})", -1
+    if not target.startswith("pipe:["):
+        kind = target.split(":", 1)[0] if target.startswith(("socket:", "anon_inode:")) else "file"
+        return f"handed over an fd that is not a pipe (a {kind})", -1
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return "handed over an fd that is not a pipe", -1
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        return "handed over the write end of a pipe, not its read end", -1
+    try:
+        own = os.open(link, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"handed over a pipe that cannot be opened ({exc.strerror})", -1
+    return None, own
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd``."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+    except OSError:
+        return 0
 
 
 async def listen_socket(

@@ -657,7 +657,7 @@ async def test_a_process_that_closed_its_connection_and_hangs_is_still_killed(
     code = textwrap.dedent("""
         import time, aiotimer
         with aiotimer.expires(after=0.3, scope="closed and hung"):
-            aiotimer.get_client()._sock.close()
+            aiotimer.get_client()._conn.sock.close()
             time.sleep(600)
     """)
     path = tmp_path / "timer.sock"
