@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import stat
 import sys
 import textwrap
 import threading
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 import aiotimer
 from aiotimer import ClientNotConfiguredError, TimerClient, TimerServer
@@ -397,3 +400,143 @@ def test_a_full_backlog_is_waited_for_within_the_connect_timeout(tmp_path: Path)
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def _fake_server_connection(
+    listener: socket.socket, pid: int
+) -> tuple[socket.socket, int, list[tuple[str, int, str]]]:
+    """Accept a connection, welcome it, take the pipe it hands over: the connection, the
+    pipe's read end, and the frames that came with it (op, pid, scope)."""
+    from aiotimer._protocol import FrameDecoder, Reply, encode_reply
+
+    conn, _ = listener.accept()
+    conn.sendall(encode_reply(Reply(True, pid, 0, "")))
+    data, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+    assert len(fds) == 1 and stat.S_ISFIFO(os.fstat(fds[0]).st_mode), fds
+    requests, errors = FrameDecoder().feed(data)
+    assert errors == []
+    return conn, fds[0], [(r.op.name, r.pid, r.scope) for r in requests]
+
+
+def _read_frames(pipe: int, count: int) -> list[tuple[str, int, str]]:
+    from aiotimer._protocol import FrameDecoder
+
+    decoder = FrameDecoder()
+    frames: list[tuple[str, int, str]] = []
+    while len(frames) < count:
+        requests, errors = decoder.feed(os.read(pipe, 4096))
+        assert errors == []
+        frames += [(r.op.name, r.pid, r.scope) for r in requests]
+    return frames
+
+
+def test_requests_go_through_a_pipe_and_epipe_connects_once_more(tmp_path: Path) -> None:
+    """The greeting comes with the pipe's read end; requests through the pipe.  When the
+    server goes (its read end closes), the next write meets EPIPE: the client connects
+    again, and the new pipe takes the old one's fd number (a thread still holding it never
+    writes into an fd the number was reused for)."""
+    path = str(tmp_path / "timer.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+    seen: list[list[tuple[str, int, str]]] = []
+    first_gone = threading.Event()
+    failures: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            for n in range(2):
+                conn, pipe, hello = _fake_server_connection(listener, 4242)
+                seen.append(hello + _read_frames(pipe, 1))
+                os.close(pipe)
+                conn.close()
+                if n == 0:
+                    first_gone.set()
+        except BaseException as exc:
+            failures.append(exc)
+            first_gone.set()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = aiotimer.SocketClient(path, connect_timeout=30)
+    try:
+        client.release("first")
+        assert client._conn is not None
+        number = client._conn.pipe
+        assert first_gone.wait(60)
+        client.release("second")  # EPIPE, then a new connection
+        assert client._conn is not None and client._conn.pipe == number
+        thread.join(60)
+        assert failures == []
+        assert seen == [
+            [("HELLO", 4242, ""), ("RELEASE", 4242, "first")],
+            [("HELLO", 4242, ""), ("RELEASE", 4242, "second")],
+        ]
+    finally:
+        client.close()
+        thread.join(60)
+        listener.close()
+    assert client._conn is None and client._spare < 0
+    with pytest.raises(OSError):
+        os.fstat(number)
+
+
+FORK = textwrap.dedent("""
+    import os, sys, aiotimer
+    client = aiotimer.get_client()
+    with aiotimer.expires(after=60, scope="parent"):
+        pass
+    conn = client._conn
+    pipe = f"pipe:[{os.fstat(conn.pipe).st_ino}]"
+    pid = os.fork()
+    if pid == 0:
+        # Before it uses anything: the parent's connection and pipe are not the child's.
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        inherited = client._conn is not None or pipe in links
+        with aiotimer.expires(after=60, scope="child"):
+            pass
+        own = f"pipe:[{os.fstat(client._conn.pipe).st_ino}]" != pipe
+        print("child inherited", inherited, "own", own, flush=True)
+        sys.stdin.readline()  # until the server has read its requests: an exit before
+        os._exit(0)  # its greeting is read would make that a rejection
+    os.waitpid(pid, 0)
+    with aiotimer.expires(after=60, scope="parent again"):
+        pass
+    print("parent kept", client._conn is conn, flush=True)
+""")
+
+
+@pytest.mark.slow
+async def test_a_forked_child_drops_its_parents_connection_and_pipe(tmp_path: Path) -> None:
+    from aiotimer.transports import listen_socket
+
+    path = tmp_path / "timer.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOTIMER_")}
+    env["AIOTIMER_SOCKET"] = str(path)
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            FORK,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line == "child inherited False own True\n", line
+        # The parent's and the child's: a greeting, an acquire and a release each.
+        await until(lambda: server.statistics().requests >= 6)
+        out = (await asyncio.wait_for(proc.communicate(b"\n"), 60))[0].decode()
+        assert proc.returncode == 0, out
+        assert "parent kept True" in out, out
+        assert listener.accepted == 2 and listener.piped == 2
+        stats = server.statistics()
+        assert stats.rejected == 0 and stats.kills == 0, stats

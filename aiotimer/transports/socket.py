@@ -25,11 +25,40 @@ Who may use it is decided by the kernel, not by anything a client writes:
   never followed through a symlink; a socket removed or replaced while serving
   is made again (``_paths.PathGuard``, as the FIFO's).
 
+The connection says who the client is; its requests go through a pipe.  Once
+welcomed, a client makes a pipe and hands its read end over on the connection
+(``SCM_RIGHTS``, with its greeting), then writes its frames into the pipe, as a
+spawned worker does.  Why: the server's Python cost per request is the same
+either way, but a Unix stream socket makes the kernel allocate a buffer per
+``send`` (each 60-byte frame), wake the reader each time and free each buffer
+on read, where a pipe packs the writes into pages.  Measured on 2 cores
+(``benchmarks/throughput.py``), frames on the socket itself ran at 0.75x the
+pipes' throughput with 1 client and 0.65x with 16 (issue 20 asks for 0.8x).
+The server takes exactly one fd, once, per connection: an anonymous pipe's
+read end (recognised from its ``/proc`` link, so nothing is ``stat``-ed on a
+file system the client might control, and then ``fstat``-ed), and reads it
+through a description of its own, reopened non-blocking through
+``/proc/self/fd`` (the client may keep a copy of the fd it sent and clear
+``O_NONBLOCK`` on that: a read on the loop would then block).  Anything else
+(two fds, a second handover, a file, a socket, a write end) is a counted
+rejection, and the connection is closed.  The pipe is read as a worker's
+(4 KiB at a time, the same decoder), every request attributed to the
+connection's peer.  The connection stays watched: its end means the client
+went away, and what its pipe held by then is still read (bounded: no more than
+it held), then the pipe is closed too; when the peer exits, both are closed at
+once (what is left speaks for no one).  The end
+of the pipe alone (the client closed it) closes the pipe: the timers armed
+through it stay armed until the process exits, as a worker's.  A client that
+hands over no pipe (an older one) still sends its frames on the connection;
+after a handover, bytes on the connection are rejected (one stream of requests
+per connection, one read's share of the loop).
+
 Costs are bounded: everything is non-blocking; a read is at most 4 KiB, decoded
 in one callback (as the pipes'); a few connections are accepted per callback;
 connections are capped overall (``max_connections``) and per process
 (``max_connections_per_process``), and one over a cap is refused with the
-reason; a peer that connects and never reads or writes holds one fd.  Bad
+reason; a peer that connects and never reads or writes holds one fd, one that
+hands over its pipe two (and its pidfd, as every admitted process).  Bad
 input is counted exactly and logged at a bounded rate shared by all of the
 listener's connections.
 """
@@ -210,6 +239,8 @@ class SocketListener(GuardedPath, Channel):
         self.accepted = 0
         #: connections refused (another uid, not a descendant, over a cap)
         self.refused = 0
+        #: connections whose client handed over a pipe for its requests
+        self.piped = 0
 
     def __repr__(self) -> str:
         return f"<SocketListener {self.path} connections={len(self._connections)}>"
@@ -580,6 +611,7 @@ class SocketChannel(Channel):
         assert self._loop is not None
         self._pipe = pipe
         self._piped = True
+        self.listener.piped += 1
         self._loop.add_reader(pipe, self._pipe_readable)
         return True
 

@@ -127,6 +127,9 @@ async def test_a_same_uid_child_arms_and_is_killed_when_it_hangs(tmp_path: Path)
         stats = server.statistics()
         assert stats.kills == 1 and stats.rejected == 0
         assert listener.accepted == 1 and listener.refused == 0
+        # Its requests came through the pipe it handed over (bytes on the connection
+        # after that would have been rejected).
+        assert listener.piped == 1
     assert not path.exists() and not path.parent.exists()  # the directory it made goes too
 
 
@@ -148,8 +151,9 @@ async def test_a_process_that_releases_in_time_is_not_killed(tmp_path: Path) -> 
         status, out = await run_client(code, path)
         assert status == 0 and "done" in out, out
         await until(lambda: server.statistics().requests >= 201)  # a greeting and 200 requests
-        assert server.statistics().active_timers == 0
-        assert listener.accepted == 1
+        stats = server.statistics()
+        assert stats.active_timers == 0 and stats.kills == 0 and stats.rejected == 0, stats
+        assert listener.accepted == 1 and listener.piped == 1
         await until(lambda: listener.connections == 0)
 
 
@@ -315,8 +319,8 @@ async def test_a_forked_child_and_multiprocessing_workers_arm_their_own_timers(
         assert "forked -9" in out and "workers -9 -9 -9" in out and "parent done" in out, out
         stats = server.statistics()
         assert stats.kills == 4 and stats.rejected == 0, stats
-        # The parent, its forked child and the three workers: a connection each.
-        assert listener.accepted == 5
+        # The parent, its forked child and the three workers: a connection and a pipe each.
+        assert listener.accepted == 5 and listener.piped == 5
 
 
 # -- a restarted server ---------------------------------------------------------------------
@@ -372,7 +376,9 @@ async def test_a_client_connects_once_more_to_a_restarted_server(tmp_path: Path)
             restarted.stdin.write(b"\n")
             out = (await asyncio.wait_for(restarted.communicate(), 60))[0].decode()
             assert restarted.returncode == 0 and "second" in out, out
-            assert listener.accepted == 1
+            assert listener.accepted == 1 and listener.piped == 1
+            await until(lambda: server.statistics().requests >= 3)  # hello, acquire, release
+            assert server.statistics().rejected == 0
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -666,6 +672,185 @@ async def test_a_process_that_closed_its_connection_and_hangs_is_still_killed(
         status, out = await run_client(code, path)
         assert status == -signal.SIGKILL, out
         assert listener.connections == 0
+
+
+async def test_a_process_that_closed_its_pipe_and_hangs_is_still_killed(tmp_path: Path) -> None:
+    """As for the pipes: the timers armed through it stay armed until the process exits."""
+    code = textwrap.dedent("""
+        import os, time, aiotimer
+        with aiotimer.expires(after=1.0, scope="pipe closed and hung"):
+            os.close(aiotimer.get_client()._conn.pipe)
+            print("closed", flush=True)
+            time.sleep(600)
+    """)
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        status, out = await run_client(code, path)
+        assert status == -signal.SIGKILL and "closed" in out, out
+        stats = server.statistics()
+        assert stats.kills == 1 and stats.rejected == 0, stats
+        assert listener.piped == 1
+        await until(lambda: listener.connections == 0)
+
+
+def pipes_held() -> int:
+    """Pipes this process holds open, and files and sockets of no path (unlinked, unnamed)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += link.startswith(("pipe:", "socket:")) or link.endswith("(deleted)")
+    return count
+
+
+#: A peer that hands over what it should not, one connection per way; then a pipe and
+#: frames on the connection after it.  Prints whether the server closed each connection.
+BAD_FDS = textwrap.dedent("""
+    import os, socket, sys, tempfile, time
+    from aiotimer._protocol import decode_reply, encode_hello, encode_release
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        reply = decode_reply(s.recv(4096))
+        assert reply.welcome, reply
+        return s
+
+    def closed_by_server(s):
+        s.settimeout(60)
+        try:
+            return s.recv(1) == b""
+        except OSError:
+            return True
+
+    hello = encode_hello(os.getpid(), 0)
+    held = []
+    for way in ("file", "socket", "two", "twice", "write end"):
+        s = connect()
+        r, w = os.pipe()
+        if way == "file":
+            held.append(tempfile.TemporaryFile())
+            fds = [held[-1].fileno()]
+        elif way == "socket":
+            held.append(socket.socketpair())
+            fds = [held[-1][0].fileno()]
+        elif way == "two":
+            fds = [r, os.pipe()[0]]
+        elif way == "twice":
+            socket.send_fds(s, [hello], [r])
+            fds = [os.pipe()[0]]
+        else:
+            fds = [w]
+        socket.send_fds(s, [hello], fds)
+        print(way, "closed" if closed_by_server(s) else "open", flush=True)
+        s.close()
+        held.append((r, w))
+    s = connect()
+    r, w = os.pipe()
+    socket.send_fds(s, [hello], [r])
+    os.close(r)
+    s.sendall(encode_release(os.getpid(), "on the connection"))
+    os.write(w, encode_release(os.getpid(), "through the pipe"))
+    print("done", flush=True)
+    time.sleep(600)
+""")
+
+
+async def test_a_peer_handing_over_anything_but_one_pipe_is_rejected_and_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiotimer")
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        pipes_before = pipes_held()
+        peer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            BAD_FDS,
+            str(path),
+            env=client_env(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            assert peer.stdout is not None
+            lines = [
+                (await asyncio.wait_for(peer.stdout.readline(), 120)).decode() for _ in range(6)
+            ]
+            assert lines == [
+                "file closed\n",
+                "socket closed\n",
+                "two closed\n",
+                "twice closed\n",
+                "write end closed\n",
+                "done\n",
+            ], lines
+            # A bystander's hang is still killed.
+            status, out = await run_client(HANG, path, "0.5")
+            assert status == -signal.SIGKILL, out
+            # Five bad handovers, and the bytes sent on the connection after a good one;
+            # the release through that pipe is taken.
+            await until(lambda: server.statistics().rejected == 6)
+            await until(lambda: listener.piped == 3)  # "twice"'s first, the last, the bystander's
+            stats = server.statistics()
+            assert stats.kills == 1 and stats.rejected == 6, stats
+            assert listener.connections == 1
+        finally:
+            if peer.returncode is None:
+                peer.kill()
+            await peer.wait()
+        await until(lambda: listener.connections == 0)
+        assert server.statistics().rejected == 6
+        # The server holds no fd the peer sent once it went: every received fd was closed.
+        assert pipes_held() == pipes_before
+    lines = [w for w in warnings_of(caplog) if "handed over" in w]
+    assert 1 <= len(lines) <= 6, lines
+
+
+async def test_the_peer_cannot_make_the_servers_reads_of_its_pipe_blocking(tmp_path: Path) -> None:
+    """The peer may keep the read end it sent and clear ``O_NONBLOCK`` on it: that flag is
+    its open file's, and a read on the loop would then block when the peer drained the pipe
+    first.  The server reads through a description of its own."""
+    code = textwrap.dedent("""
+        import os, socket, sys, time
+        from aiotimer._protocol import decode_reply, encode_hello
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        assert decode_reply(s.recv(4096)).welcome
+        r, w = os.pipe()
+        socket.send_fds(s, [encode_hello(os.getpid(), 0)], [r])
+        time.sleep(0.5)  # the server has set up its reading of the pipe
+        os.set_blocking(r, True)  # kept, and made blocking
+        print("blocking", flush=True)
+        time.sleep(600)
+    """)
+    path = tmp_path / "timer.sock"
+    async with TimerServer() as server:
+        listener = await listen_socket(server, path)
+        peer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            str(path),
+            env=client_env(path),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert peer.stdout is not None
+            assert await asyncio.wait_for(peer.stdout.readline(), 60) == b"blocking\n"
+            assert listener.piped == 1
+            [channel] = listener._connections.values()
+            assert channel._pipe >= 0 and not os.get_blocking(channel._pipe)
+            with pytest.raises(BlockingIOError):
+                os.read(channel._pipe, 1)  # empty: EAGAIN, never a wait
+        finally:
+            peer.kill()
+            await peer.wait()
+        await until(lambda: listener.connections == 0)
 
 
 # -- aiotimer serve and run: the socket in the job's environment ------------------------------
