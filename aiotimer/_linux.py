@@ -29,6 +29,7 @@ __all__ = [
     "die_with_parent",
     "enter_realtime",
     "environ_of",
+    "has_exited",
     "tree_root",
     "holds_pipe",
     "live_processes",
@@ -174,6 +175,14 @@ def _stat_fields(pid: int) -> list[str]:
         raw = f.read()
     # The command name may hold spaces and parentheses: split after the last ')'.
     return raw[raw.rindex(b")") + 2 :].decode().split()
+
+
+def has_exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (exited, not yet reaped)."""
+    try:
+        return _stat_fields(pid)[0] in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def parent_pid(pid: int) -> int | None:

@@ -23,6 +23,7 @@ from typing import Protocol
 from ._linux import (
     ProcessGone,
     descends_from,
+    has_exited,
     monotonic_offset,
     open_pidfd,
     pidfd_alive,
@@ -55,6 +56,8 @@ def descendant_of(pid: int, roots: frozenset[int]) -> str | None:
     if uid != os.getuid():
         return f"pid {pid} belongs to uid {uid}, not to this server's uid {os.getuid()}"
     if not descends_from(pid, roots):
+        if has_exited(pid):  # an exiting process is re-parented: its ancestry says nothing
+            return f"pid {pid} has exited: it does not exist"
         names = ", ".join(str(r) for r in sorted(roots))
         return f"pid {pid} does not descend from the server or a configured root ({names})"
     return None
